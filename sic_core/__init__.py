@@ -1,0 +1,1 @@
+"""SIC: similarity-based interpretable classification on B-cos networks (pure PyTorch)."""
