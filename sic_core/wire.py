@@ -1,0 +1,174 @@
+"""Wire vocabulary shared by the ClientApp and the ServerApp.
+
+Every key that crosses a site's boundary is defined here once, as a ``StrEnum``, so that
+``client/`` and ``server/`` (which never import each other) agree on the message layout.
+
+One round exchanges three messages per site (server -> site | site -> server):
+
+- ``train``: ``arrays`` (global weights), ``support`` (global support), ``config`` |
+  ``arrays`` (weights, B-cos filters at unit length), ``metrics`` (:class:`TrainMetric`),
+  ``site``.
+- ``query.support``: ``arrays``, ``config`` | ``stats`` (per-class cluster sums and counts),
+  ``metrics`` (:class:`SupportMetric`), ``site``.
+- ``evaluate``: ``arrays``, ``support``, ``config`` | ``metrics`` (:class:`EvalMetric`),
+  ``site``.
+
+Nothing else may leave a site: no pixels, file names, patient ids, per-image embeddings or
+free-text exception messages (a failure travels as one :class:`ErrorReason` code).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+__all__ = [
+    "ERROR_REASON_PATTERN",
+    "EVAL_METRIC_KEYS",
+    "SUPPORT_METRIC_KEYS",
+    "TRAIN_METRIC_KEYS",
+    "ArrayKey",
+    "ConfigKey",
+    "ErrorReason",
+    "EvalMetric",
+    "QueryName",
+    "RecordKey",
+    "SiteKey",
+    "SupportMetric",
+    "TrainMetric",
+    "is_error_reason",
+]
+
+
+class RecordKey(StrEnum):
+    """Keys of the records inside a message's ``RecordDict``."""
+
+    #: ``ArrayRecord`` of model weights (state-dict keys, support buffers excluded).
+    ARRAYS = "arrays"
+    #: ``ArrayRecord`` with the global support set (:attr:`ArrayKey.VECTORS`, ``LABELS``).
+    SUPPORT = "support"
+    #: ``ConfigRecord`` of round settings (server -> site).
+    CONFIG = "config"
+    #: ``MetricRecord`` of a reply (fixed schema per message type).
+    METRICS = "metrics"
+    #: ``ConfigRecord`` naming the replying site (:class:`SiteKey`).
+    SITE = "site"
+    #: ``ArrayRecord`` of per-class cluster statistics (``SUMS``, ``COUNTS``).
+    STATS = "stats"
+
+
+class ArrayKey(StrEnum):
+    """Array names inside the ``support`` and ``stats`` records."""
+
+    #: ``(K, D)`` float32 support vectors, class order.
+    VECTORS = "vectors"
+    #: ``(K,)`` int64 class of each support vector.
+    LABELS = "labels"
+    #: ``(C, n_shot, D)`` float32 per-class cluster sums of a site's embeddings.
+    SUMS = "sums"
+    #: ``(C, n_shot)`` float32 number of images in each cluster.
+    COUNTS = "counts"
+
+
+class QueryName(StrEnum):
+    """Names of ``query`` handlers (message type ``query.<name>``)."""
+
+    SUPPORT = "support"
+
+
+class ConfigKey(StrEnum):
+    """Keys of the round ``ConfigRecord`` sent to sites."""
+
+    SERVER_ROUND = "server-round"
+    LOCAL_EPOCHS = "local-epochs"
+    LR = "lr"
+    BATCH_SIZE = "batch-size"
+    SEED = "seed"
+    #: FedProx's proximal weight (key chosen by Flower's ``FedProx``).
+    PROXIMAL_MU = "proximal-mu"
+    #: Train with DP-SGD against the fixed global support (bool).
+    DP = "dp"
+
+
+class SiteKey(StrEnum):
+    """Keys of the ``site`` ``ConfigRecord`` in every reply."""
+
+    #: The site's pseudonym from its config (``SiteConfig.name``).
+    NAME = "name"
+
+
+class TrainMetric(StrEnum):
+    """Fixed schema of a ``train`` reply's ``MetricRecord``."""
+
+    #: Training images (not batches): the FedAvg weight.
+    NUM_EXAMPLES = "num-examples"
+    #: Mean loss of the last local epoch.
+    LOSS = "train.loss"
+    #: Local epochs run.
+    EPOCHS = "train.epochs"
+    #: Seconds of local compute inside the handler.
+    SECONDS = "train.seconds"
+    #: Files the site's data pipeline skipped this run (counted, never named).
+    QUARANTINED = "data.quarantined"
+    #: Privacy spent so far at this site (0 without DP).
+    DP_EPSILON = "dp.epsilon"
+
+
+class SupportMetric(StrEnum):
+    """Fixed schema of a ``query.support`` reply's ``MetricRecord``."""
+
+    NUM_EXAMPLES = "num-examples"
+    #: Classes present in the site's training split.
+    CLASSES_PRESENT = "support.classes-present"
+    SECONDS = "support.seconds"
+
+
+class EvalMetric(StrEnum):
+    """Fixed schema of an ``evaluate`` reply's ``MetricRecord``."""
+
+    #: Validation images.
+    NUM_EXAMPLES = "num-examples"
+    #: BCE loss on the validation split (site-local supports).
+    LOSS = "val.loss"
+    #: AUROC (binary, or macro one-vs-rest); meaningful only if ``AUROC_DEFINED`` is 1.
+    AUROC = "val.auroc"
+    #: 1 if the validation split holds both outcomes of at least one class, else 0.
+    AUROC_DEFINED = "val.auroc-defined"
+    BALANCED_ACCURACY = "val.balanced-accuracy"
+    ACCURACY = "val.accuracy"
+    #: AUROC of the global support vectors themselves (no local substitution).
+    AUROC_GLOBAL_SUPPORT = "val.auroc-global-support"
+    #: Support vectors replaced by a real local image (classes absent here keep the global).
+    LOCAL_SUPPORTS = "val.local-supports"
+    SECONDS = "val.seconds"
+
+
+TRAIN_METRIC_KEYS: frozenset[str] = frozenset(TrainMetric)
+SUPPORT_METRIC_KEYS: frozenset[str] = frozenset(SupportMetric)
+EVAL_METRIC_KEYS: frozenset[str] = frozenset(EvalMetric)
+
+
+class ErrorReason(StrEnum):
+    """Fixed failure codes a site may send instead of a reply.
+
+    ``SicfedError.reason`` codes (``config_error``, ``data_error``, ``decode_error``, ...) are
+    sent as they are; anything else becomes :attr:`INTERNAL_ERROR`.
+    """
+
+    CONFIG_ERROR = "config_error"
+    DATA_ERROR = "data_error"
+    PRIVACY_BUDGET_EXHAUSTED = "privacy_budget_exhausted"
+    SITE_ERROR = "site_error"
+    #: The message the site received was malformed (missing record, wrong shapes).
+    INVALID_MESSAGE = "invalid_message"
+    #: Any exception that is not a ``SicfedError``; details stay in the site's log.
+    INTERNAL_ERROR = "internal_error"
+
+
+#: What a reason code looks like: a short snake_case token that cannot carry free text.
+ERROR_REASON_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,47}")
+
+
+def is_error_reason(value: str) -> bool:
+    """True if ``value`` is a well-formed reason code (see :data:`ERROR_REASON_PATTERN`)."""
+    return ERROR_REASON_PATTERN.fullmatch(value) is not None
