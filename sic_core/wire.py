@@ -25,6 +25,8 @@ from enum import StrEnum
 __all__ = [
     "ERROR_REASON_PATTERN",
     "EVAL_METRIC_KEYS",
+    "SITE_NAME_PATTERN",
+    "SUPPORT_BUFFER_KEYS",
     "SUPPORT_METRIC_KEYS",
     "TRAIN_METRIC_KEYS",
     "ArrayKey",
@@ -77,9 +79,18 @@ class QueryName(StrEnum):
 
 
 class ConfigKey(StrEnum):
-    """Keys of the round ``ConfigRecord`` sent to sites."""
+    """Keys of the round ``ConfigRecord`` sent to sites with every message.
+
+    The model specification travels with each message, so a site needs nothing but the
+    message and its own config to rebuild the global model.
+    """
 
     SERVER_ROUND = "server-round"
+    ENCODER = "encoder"
+    NUM_CLASSES = "num-classes"
+    N_SHOT = "n-shot"
+    PROJ_DIM = "proj-dim"
+    IMAGE_SIZE = "image-size"
     LOCAL_EPOCHS = "local-epochs"
     LR = "lr"
     BATCH_SIZE = "batch-size"
@@ -143,6 +154,9 @@ class EvalMetric(StrEnum):
     SECONDS = "val.seconds"
 
 
+#: State-dict entries that never travel in ``arrays`` (the support set has its own record).
+SUPPORT_BUFFER_KEYS: frozenset[str] = frozenset({"support_vectors", "support_labels"})
+
 TRAIN_METRIC_KEYS: frozenset[str] = frozenset(TrainMetric)
 SUPPORT_METRIC_KEYS: frozenset[str] = frozenset(SupportMetric)
 EVAL_METRIC_KEYS: frozenset[str] = frozenset(EvalMetric)
@@ -167,6 +181,9 @@ class ErrorReason(StrEnum):
 
 #: What a reason code looks like: a short snake_case token that cannot carry free text.
 ERROR_REASON_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,47}")
+
+#: What a site pseudonym looks like (the same rule as ``SiteConfig.name``).
+SITE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def is_error_reason(value: str) -> bool:
