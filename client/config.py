@@ -1,0 +1,323 @@
+"""Site configuration: one YAML file per hospital, validated into frozen pydantic models.
+
+Every default lives in the models below and nowhere else. Relative paths in the YAML file
+resolve against the folder that holds the file, so a site folder can be moved as a whole.
+
+Examples
+--------
+>>> config = load_site_config("site_configs/synthcxr_site_a.yaml")  # doctest: +SKIP
+>>> config.data.class_names
+['normal', 'nodule']
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from sic_core.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "DataFormat",
+    "PreprocessingConfig",
+    "PrivacyConfig",
+    "ReportingConfig",
+    "SiteConfig",
+    "TrainingConfig",
+    "load_site_config",
+]
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Resolve a relative path against the YAML file's folder (when loaded from a file)."""
+    value = value.expanduser()
+    base_dir = (info.context or {}).get("base_dir")
+    if base_dir is not None and not value.is_absolute():
+        return Path(base_dir) / value
+    return value
+
+
+#: A path that, when the config comes from a file, is relative to that file's folder.
+SitePath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataFormat(StrEnum):
+    """How a site stores its images (see DATA.md)."""
+
+    DICOM = "dicom"
+    MEDMNIST = "medmnist"
+    FOLDER = "folder"
+
+
+class DataConfig(_Section):
+    """Where the site's images are and how to read them."""
+
+    format: DataFormat
+    labels_csv: SitePath | None = Field(
+        None, description="dicom: CSV with file, label, patient_id[, split, mask, ...]"
+    )
+    root: SitePath | None = Field(
+        None, description="folder: root/<class_name>/*.png; dicom: base of `file` paths"
+    )
+    npz: SitePath | None = Field(None, description="medmnist: the .npz file")
+    class_names: list[str] = Field(min_length=2, description="label map: index = label")
+    image_size: int = Field(128, ge=16, le=1024)
+    keep_colour: bool = False
+    allowed_modalities: list[str] | None = Field(
+        None, description="DICOM Modality values accepted (e.g. [CR, DX]); null = any"
+    )
+    frame: int | None = Field(None, ge=0, description="frame to take from multi-frame DICOM")
+    max_decoded_megabytes: float = Field(
+        512.0, gt=0, description="memory guard: declared decoded size per file"
+    )
+    split_fractions: tuple[float, float, float] = Field(
+        (0.7, 0.15, 0.15), description="train/val/test shares when the data has no split"
+    )
+    patient_id_pattern: str | None = Field(
+        None,
+        description="folder: regex with one group that extracts the patient id from a file name",
+    )
+
+    @field_validator("class_names")
+    @classmethod
+    def _unique_class_names(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise ValueError("class names must be non-empty")
+        duplicates = sorted({name for name in value if value.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"class names must be unique, repeated: {duplicates}")
+        return value
+
+    @field_validator("allowed_modalities")
+    @classmethod
+    def _upper_modalities(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("give at least one modality, or null to accept any")
+        return [modality.strip().upper() for modality in value]
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, ...]:
+        if any(share < 0 for share in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"expected three non-negative shares summing to 1, got {value}")
+        if value[0] <= 0:
+            raise ValueError("the train share must be positive")
+        return value
+
+    @field_validator("patient_id_pattern")
+    @classmethod
+    def _compiles_with_one_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            compiled = re.compile(value)
+        except re.error as error:
+            raise ValueError(f"not a valid regular expression: {error}") from None
+        if compiled.groups != 1:
+            raise ValueError("the pattern needs exactly one capture group (the patient id)")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_match_format(self) -> DataConfig:
+        needed = {
+            DataFormat.DICOM: {"labels_csv"},
+            DataFormat.MEDMNIST: {"npz"},
+            DataFormat.FOLDER: {"root"},
+        }[self.format]
+        allowed = {
+            DataFormat.DICOM: {"labels_csv", "root", "allowed_modalities", "frame"},
+            DataFormat.MEDMNIST: {"npz"},
+            DataFormat.FOLDER: {"root", "patient_id_pattern"},
+        }[self.format]
+        format_fields = {
+            "labels_csv",
+            "root",
+            "npz",
+            "allowed_modalities",
+            "frame",
+            "patient_id_pattern",
+        }
+        for name in sorted(needed):
+            if getattr(self, name) is None:
+                raise ValueError(f"data.{name} is required when data.format is '{self.format}'")
+        for name in sorted(format_fields - allowed):
+            if getattr(self, name) is not None:
+                raise ValueError(f"data.{name} is not used when data.format is '{self.format}'")
+        return self
+
+
+class PreprocessingConfig(_Section):
+    """Intensity scaling and training augmentation (applied per batch, never cached)."""
+
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    augment: bool = True
+    augment_probability: float = Field(0.8, ge=0, le=1, description="chance per transform")
+    rotate_degrees: float = Field(10.0, ge=0, le=180)
+    translate_fraction: float = Field(0.05, ge=0, le=0.5, description="of the image side")
+    scale_fraction: float = Field(0.1, ge=0, lt=1)
+    noise_std: float = Field(0.02, ge=0, le=1, description="Gaussian noise, [0, 1] units")
+    contrast_gamma: tuple[float, float] = (0.8, 1.25)
+
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered_percentiles(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"expected 0 <= low < high <= 100, got {value}")
+        return value
+
+    @field_validator("contrast_gamma")
+    @classmethod
+    def _ordered_gamma(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"expected 0 < low <= high, got {value}")
+        return value
+
+
+class TrainingConfig(_Section):
+    """Per-site overrides of the federation's training settings."""
+
+    batch_size: int = Field(32, ge=1)
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy for this site (sample-level DP-SGD; see ARCHITECTURE.md)."""
+
+    enabled: bool = False
+    target_delta: float = Field(1e-5, gt=0, lt=1)
+    max_epsilon: float = Field(8.0, gt=0)
+    noise_multiplier: float = Field(1.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    support_noise_multiplier: float = Field(1.0, ge=0)
+    support_clip_norm: float = Field(1.0, gt=0)
+
+
+class ReportingConfig(_Section):
+    """What the site's report may contain when it leaves the site."""
+
+    share_example_images: bool = False
+    audit_set_size: int = Field(64, ge=1)
+
+
+class SiteConfig(_Section):
+    """One hospital's configuration, as loaded from its ``site.yaml``."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        description="site pseudonym, e.g. site_a (no spaces; it appears in reports)",
+    )
+    seed: int = Field(0, ge=0)
+    state_dir: SitePath = Field(description="cache, quarantine report and privacy ledger")
+    data: DataConfig
+    preprocessing: PreprocessingConfig = PreprocessingConfig()
+    training: TrainingConfig = TrainingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    reporting: ReportingConfig = ReportingConfig()
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate a site YAML file.
+
+    Parameters
+    ----------
+    path
+        The site's YAML file. Relative paths inside it resolve against its folder.
+
+    Returns
+    -------
+    SiteConfig
+        The validated, frozen configuration.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, is not YAML, or a field is unknown or invalid; the message
+        names the file and every offending field (with "did you mean" for misspelt keys).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the site config ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of site settings at the top level")
+    try:
+        return SiteConfig.model_validate(raw, context={"base_dir": path.resolve().parent})
+    except ValidationError as error:
+        problems = "\n".join(f"  - {line}" for line in describe_validation_error(error, SiteConfig))
+        raise ConfigError(f"{path}: invalid site config:\n{problems}") from None
+
+
+def describe_validation_error(error: ValidationError, model: type[BaseModel]) -> list[str]:
+    """Turn pydantic's errors into one line per problem, naming the dotted field.
+
+    Parameters
+    ----------
+    error
+        The validation error raised for ``model``.
+    model
+        The model that was validated (used to suggest field names for misspelt keys).
+
+    Returns
+    -------
+    list of str
+        Lines such as ``data.fromat: unknown field; did you mean 'format'?``.
+    """
+    lines = []
+    for item in error.errors(include_url=False):
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parent = _model_at(model, item["loc"][:-1])
+            known = sorted(parent.model_fields) if parent is not None else []
+            hint = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.6)
+            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+            lines.append(f"{location}: unknown field{suggestion} (known: {', '.join(known)})")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        given = item.get("input")
+        if item["type"] != "missing" and isinstance(given, str | int | float | bool):
+            message = f"{message} (got {given!r})"
+        lines.append(f"{location}: {message}")
+    return lines
+
+
+def _model_at(model: type[BaseModel], location: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The nested model class that a validation location points into, if any."""
+    current: type[BaseModel] = model
+    for part in location:
+        field = current.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        current = annotation
+    return current
