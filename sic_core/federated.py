@@ -8,6 +8,7 @@ unchanged) and the server averages directions.
 
 from __future__ import annotations
 
+import torch
 from bcos.modules.bcosconv2d import NormedConv2d
 from bcos.modules.bcoslinear import NormedLinear
 from torch import Tensor, nn
@@ -38,6 +39,7 @@ def unit_filter_state_dict(model: nn.Module) -> dict[str, Tensor]:
         value = value.detach().clone()
         if name in normed:
             dims = tuple(range(1, value.dim()))
-            value = value / value.norm(dim=dims, keepdim=True).clamp_min(_FILTER_EPS)
+            norms = torch.linalg.vector_norm(value, dim=dims, keepdim=True)
+            value = value / norms.clamp_min(_FILTER_EPS)
         state[name] = value
     return state

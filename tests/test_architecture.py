@@ -1,0 +1,49 @@
+"""Import direction: sic_core imports nothing from client/ or server/; they never import each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {"sic_core": {"client", "server"}, "client": {"server"}, "server": {"client"}}
+
+
+def _imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_import_direction(package: str) -> None:
+    files = sorted((ROOT / package).rglob("*.py"))
+    if package == "sic_core":
+        assert files, "sic_core must exist"
+    violations = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in files
+        for name in _imported_packages(path) & FORBIDDEN[package]
+    ]
+    assert not violations, violations
+
+
+def test_sic_core_depends_only_on_torch_numpy_sklearn_and_bcos() -> None:
+    allowed = {"torch", "numpy", "sklearn", "bcos", "tqdm", "sic_core", "__future__"}
+    import sys
+
+    standard = set(sys.stdlib_module_names)
+    offenders = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in (ROOT / "sic_core").rglob("*.py")
+        for name in _imported_packages(path)
+        if name not in allowed and name not in standard
+    }
+    assert not offenders, offenders
