@@ -32,5 +32,6 @@ def make_disc_images(
 
 
 @pytest.fixture
-def disc_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return make_disc_images(16, 32, seed=1)
+def disc_images():
+    """The :func:`make_disc_images` generator (tests call it with their own sizes)."""
+    return make_disc_images

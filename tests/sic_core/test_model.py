@@ -1,4 +1,4 @@
-"""Model construction, training-time validation, checkpoints and federated filter renormalisation."""
+"""Model construction, training validation, checkpoints and federated filter renormalisation."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path: Path) -> None:
     assert loaded.model.config == model.config
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="garbage.pt"):
+    with pytest.raises(ConfigError, match=r"garbage\.pt"):
         load_checkpoint(garbage)
     with pytest.raises(ConfigError, match="does not exist"):
         load_checkpoint(tmp_path / "none.pt")
