@@ -1,0 +1,281 @@
+"""Flower ClientApp of sicfed (``clientapp = "client.app:app"`` in pyproject.toml).
+
+A site runs this for every message (Flower starts a fresh process per message, so the site's
+data come from the on-disk cache of :func:`client.data.load_site_data`):
+
+- ``train``: local SIC training from the global weights; replies with the weights (B-cos
+  filters at unit length) and one fixed-schema ``MetricRecord`` (:class:`TrainMetric`);
+- ``query.support``: per-class cluster sums and counts of the site's training embeddings
+  under the global weights (:class:`SupportMetric`);
+- ``evaluate``: global weights and support set, site-local nearest-image supports, AUROC,
+  balanced accuracy and loss on the validation split (:class:`EvalMetric`); a JSON report
+  per round stays in the site's state folder.
+
+Every reply names the site (its pseudonym) in a ``site`` record. The :func:`sanitise_errors`
+mod turns any failure into a fixed reason code; the full error stays in the site's log.
+Per-site memory across rounds (rounds trained, last local supports) lives in
+``context.state``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+
+from client.config import SiteConfig, load_site_config
+from client.data import load_site_data, training_augmentation
+from client.mods import sanitise_errors
+from client.training import (
+    ModelSpec,
+    RoundSettings,
+    build_model,
+    config_value,
+    evaluate_locally,
+    support_from_record,
+    support_statistics,
+    train_locally,
+    weights_record,
+)
+from sic_core.errors import ConfigError, SiteError
+from sic_core.wire import (
+    ArrayKey,
+    ConfigKey,
+    ErrorReason,
+    EvalMetric,
+    QueryName,
+    RecordKey,
+    SiteKey,
+    SupportMetric,
+    TrainMetric,
+)
+
+__all__ = ["SITE_CONFIG_KEY", "app"]
+
+log = logging.getLogger(__name__)
+
+#: The ``--node-config`` key that points a SuperNode at its site YAML.
+SITE_CONFIG_KEY = "site-config"
+#: ``context.state`` records kept across rounds at the site.
+STATE_PROGRESS = "sicfed.progress"
+STATE_LOCAL_SUPPORT = "sicfed.local-support"
+
+app = ClientApp(mods=[sanitise_errors])
+
+
+def _route_logs() -> None:
+    """Show this app's INFO logs in the SuperNode's console (Flower's handler)."""
+    flower = logging.getLogger("flwr")
+    for name in ("client", "sic_core"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        for handler in flower.handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+
+
+def site_config(context: Context) -> SiteConfig:
+    """The site's validated config, from ``context.node_config["site-config"]``."""
+    path = context.node_config.get(SITE_CONFIG_KEY)
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            f"the SuperNode has no {SITE_CONFIG_KEY!r} in its node config; start it with "
+            f"--node-config '{SITE_CONFIG_KEY}=\"/path/to/site.yaml\"' "
+            "(python -m client join --site FILE does this)"
+        )
+    return load_site_config(Path(path))
+
+
+def _record(message: Message, key: RecordKey, kind: type) -> object:
+    record = message.content.get(str(key))
+    if not isinstance(record, kind):
+        raise SiteError(
+            f"the {message.metadata.message_type} message has no {str(key)!r} {kind.__name__}",
+            reason=str(ErrorReason.INVALID_MESSAGE),
+        )
+    return record
+
+
+def _reply(message: Message, config: SiteConfig, metrics: dict[str, float], **records) -> Message:
+    content = RecordDict(
+        {
+            **{str(key): value for key, value in records.items()},
+            str(RecordKey.METRICS): MetricRecord(metrics),
+            str(RecordKey.SITE): ConfigRecord({str(SiteKey.NAME): config.name}),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+def _progress(context: Context) -> ConfigRecord:
+    record = context.state.get(STATE_PROGRESS)
+    if not isinstance(record, ConfigRecord):
+        record = ConfigRecord({"rounds-trained": 0, "last-train-round": 0, "last-eval-round": 0})
+        context.state[STATE_PROGRESS] = record
+    return record
+
+
+def _spec(message: Message, config: SiteConfig, source: str) -> tuple[ConfigRecord, ModelSpec]:
+    round_config = _record(message, RecordKey.CONFIG, ConfigRecord)
+    spec = ModelSpec.from_config(round_config)
+    spec.check_site(
+        image_size=config.data.image_size, class_names=config.data.class_names, source=source
+    )
+    return round_config, spec
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the global model locally for the configured epochs."""
+    _route_logs()
+    started = time.perf_counter()
+    config = site_config(context)
+    round_config, spec = _spec(message, config, context.node_config[SITE_CONFIG_KEY])
+    settings = RoundSettings.from_config(round_config)
+    if "batch_size" in config.training.model_fields_set:
+        settings = replace(settings, batch_size=config.training.batch_size)
+    support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
+    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), support)
+    data = load_site_data(config)
+    split = data.split("train")
+    augmentation = training_augmentation(config)
+    history = train_locally(
+        model,
+        split.images,
+        split.labels,
+        settings,
+        augment=(lambda batch, _: augmentation(batch, {})[0]) if augmentation.enabled else None,
+    )
+    weights = weights_record(model)
+    progress = _progress(context)
+    progress["rounds-trained"] = int(progress["rounds-trained"]) + 1
+    progress["last-train-round"] = settings.server_round
+    log.info(
+        "site %s round %d: trained %d epochs on %d images, loss %.4f",
+        config.name,
+        settings.server_round,
+        settings.local_epochs,
+        history.num_examples,
+        history.final_loss,
+    )
+    metrics = {
+        str(TrainMetric.NUM_EXAMPLES): history.num_examples,
+        str(TrainMetric.LOSS): float(history.final_loss),
+        str(TrainMetric.EPOCHS): len(history.epochs),
+        str(TrainMetric.SECONDS): time.perf_counter() - started,
+        str(TrainMetric.QUARANTINED): int(sum(data.quarantine_counts.values())),
+        str(TrainMetric.DP_EPSILON): 0.0,
+    }
+    return _reply(message, config, metrics, **{str(RecordKey.ARRAYS): weights})
+
+
+@app.query(str(QueryName.SUPPORT))
+def support(message: Message, context: Context) -> Message:
+    """Per-class cluster sums and counts of the training embeddings under the sent weights."""
+    _route_logs()
+    started = time.perf_counter()
+    config = site_config(context)
+    round_config, spec = _spec(message, config, context.node_config[SITE_CONFIG_KEY])
+    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), None)
+    split = load_site_data(config).split("train")
+    seed = int(config_value(round_config, ConfigKey.SEED, int))
+    stats = support_statistics(model, split.images, split.labels, seed=seed)
+    present = int((stats.counts.sum(dim=1) > 0).sum())
+    metrics = {
+        str(SupportMetric.NUM_EXAMPLES): int(split.labels.shape[0]),
+        str(SupportMetric.CLASSES_PRESENT): present,
+        str(SupportMetric.SECONDS): time.perf_counter() - started,
+    }
+    record = ArrayRecord(
+        {
+            str(ArrayKey.SUMS): Array(stats.sums.float().numpy()),
+            str(ArrayKey.COUNTS): Array(stats.counts.float().numpy()),
+        }
+    )
+    return _reply(message, config, metrics, **{str(RecordKey.STATS): record})
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the global model on the validation split with site-local supports."""
+    _route_logs()
+    started = time.perf_counter()
+    config = site_config(context)
+    round_config, spec = _spec(message, config, context.node_config[SITE_CONFIG_KEY])
+    server_round = int(config_value(round_config, ConfigKey.SERVER_ROUND, int))
+    global_support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
+    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), global_support)
+    data = load_site_data(config)
+    train_split, val_split = data.split("train"), data.split("val")
+    result = evaluate_locally(
+        model,
+        global_support,
+        train_split.images,
+        train_split.labels,
+        val_split.images,
+        val_split.labels,
+    )
+    local = result.local_support
+    context.state[STATE_LOCAL_SUPPORT] = ArrayRecord(
+        {"indices": Array(local.indices.numpy()), "labels": Array(local.labels.numpy())}
+    )
+    progress = _progress(context)
+    progress["last-eval-round"] = server_round
+    metrics = {
+        str(EvalMetric.NUM_EXAMPLES): result.num_examples,
+        str(EvalMetric.LOSS): result.loss,
+        str(EvalMetric.AUROC): _finite_or_chance(result.auroc),
+        str(EvalMetric.AUROC_DEFINED): int(result.auroc_defined),
+        str(EvalMetric.BALANCED_ACCURACY): result.balanced_accuracy,
+        str(EvalMetric.ACCURACY): result.accuracy,
+        str(EvalMetric.AUROC_GLOBAL_SUPPORT): _finite_or_chance(result.auroc_global_support),
+        str(EvalMetric.LOCAL_SUPPORTS): int((local.indices >= 0).sum()),
+        str(EvalMetric.SECONDS): time.perf_counter() - started,
+    }
+    _write_report(config, server_round, metrics, local.indices.tolist())
+    log.info(
+        "site %s round %d: val AUROC %.3f, balanced accuracy %.3f",
+        config.name,
+        server_round,
+        result.auroc,
+        result.balanced_accuracy,
+    )
+    return _reply(message, config, metrics)
+
+
+def _finite_or_chance(value: float) -> float:
+    """AUROC for the wire: undefined (``nan``) travels as 0.5 with ``val.auroc-defined = 0``."""
+    return value if math.isfinite(value) else 0.5
+
+
+def _write_report(
+    config: SiteConfig, server_round: int, metrics: dict[str, float], support_indices: list[int]
+) -> Path:
+    """The site's own round report (``<state_dir>/reports/round_XXX.json``); it stays here."""
+    folder = Path(config.state_dir) / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"round_{server_round:03d}.json"
+    payload = {
+        "site": config.name,
+        "round": server_round,
+        "metrics": metrics,
+        "local_support_train_indices": support_indices,
+    }
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    temporary.replace(path)
+    return path

@@ -1,0 +1,338 @@
+"""Site-local work of one federated round, on tensors (no Flower types beyond records).
+
+The ClientApp (:mod:`client.app`) turns messages into calls of these functions:
+
+- :func:`build_model` rebuilds the global model from the message's weights and support set;
+- :func:`train_locally` runs SIC training (:func:`sic_core.training.train_sic`) from the
+  global weights, with FedProx's proximal term when the server asks for it;
+- :func:`support_statistics` computes per-class cluster sums and counts of the site's
+  training embeddings;
+- :func:`evaluate_locally` swaps each global support vector for the site's nearest real
+  training image (the reference's "closest" rule, applied locally) and scores the site's
+  validation split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from torch import Tensor
+
+from sic_core import SICModel, create_model, unit_filter_state_dict
+from sic_core.errors import ConfigError, SiteError
+from sic_core.head import sic_loss
+from sic_core.metrics import auroc, balanced_accuracy
+from sic_core.support import (
+    ClusterStatistics,
+    SupportSet,
+    cluster_statistics,
+    embed_all,
+    nearest_local_support,
+)
+from sic_core.training import Augment, TrainConfig, TrainHistory, train_sic
+from sic_core.wire import SUPPORT_BUFFER_KEYS, ArrayKey, ConfigKey, ErrorReason
+
+__all__ = [
+    "EvalResult",
+    "ModelSpec",
+    "RoundSettings",
+    "build_model",
+    "config_value",
+    "evaluate_locally",
+    "support_from_record",
+    "support_statistics",
+    "train_locally",
+    "weights_record",
+]
+
+
+def _invalid(message: str) -> SiteError:
+    return SiteError(message, reason=str(ErrorReason.INVALID_MESSAGE))
+
+
+def config_value(config: ConfigRecord, key: ConfigKey, kind: type) -> object:
+    """``config[key]`` checked to be of ``kind`` (``SiteError`` ``invalid_message`` if not)."""
+    if str(key) not in config:
+        raise _invalid(f"round config lacks {str(key)!r}")
+    value = config[str(key)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _invalid(f"round config {str(key)!r}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The global model's architecture, as every message's config states it."""
+
+    encoder: str
+    num_classes: int
+    n_shot: int
+    proj_dim: int
+    image_size: int
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> ModelSpec:
+        """Read the model keys of a round config (``SiteError`` if one is missing)."""
+        return cls(
+            encoder=str(config_value(config, ConfigKey.ENCODER, str)),
+            num_classes=int(config_value(config, ConfigKey.NUM_CLASSES, int)),
+            n_shot=int(config_value(config, ConfigKey.N_SHOT, int)),
+            proj_dim=int(config_value(config, ConfigKey.PROJ_DIM, int)),
+            image_size=int(config_value(config, ConfigKey.IMAGE_SIZE, int)),
+        )
+
+    def check_site(self, *, image_size: int, class_names: list[str], source: str) -> None:
+        """Raise ``ConfigError`` if the site's data cannot feed this model."""
+        if image_size != self.image_size:
+            raise ConfigError(
+                f"{source}: data.image_size is {image_size} but the federation's model "
+                f"expects image-size {self.image_size}"
+            )
+        if len(class_names) != self.num_classes:
+            raise ConfigError(
+                f"{source}: data.class_names has {len(class_names)} classes but the "
+                f"federation's model has num-classes {self.num_classes}"
+            )
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """Local training settings of one round (from the ``train`` message's config)."""
+
+    server_round: int
+    local_epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    proximal_mu: float = 0.0
+    dp: bool = False
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> RoundSettings:
+        """Read a ``train`` round config (``SiteError`` if a key is missing or mistyped)."""
+        proximal = config.get(str(ConfigKey.PROXIMAL_MU), 0.0)
+        if not isinstance(proximal, int | float) or isinstance(proximal, bool):
+            raise _invalid(f"round config {str(ConfigKey.PROXIMAL_MU)!r} is not a number")
+        return cls(
+            server_round=int(config_value(config, ConfigKey.SERVER_ROUND, int)),
+            local_epochs=int(config_value(config, ConfigKey.LOCAL_EPOCHS, int)),
+            lr=float(config_value(config, ConfigKey.LR, float)),
+            batch_size=int(config_value(config, ConfigKey.BATCH_SIZE, int)),
+            seed=int(config_value(config, ConfigKey.SEED, int)),
+            proximal_mu=float(proximal),
+            dp=bool(config_value(config, ConfigKey.DP, bool)),
+        )
+
+
+def support_from_record(record: ArrayRecord, spec: ModelSpec) -> SupportSet:
+    """The global support set of a ``support`` record, checked against the model spec."""
+    if str(ArrayKey.VECTORS) not in record or str(ArrayKey.LABELS) not in record:
+        raise _invalid("support record lacks vectors or labels")
+    vectors = torch.from_numpy(record[str(ArrayKey.VECTORS)].numpy().copy()).float()
+    labels = torch.from_numpy(record[str(ArrayKey.LABELS)].numpy().copy()).long()
+    expected = spec.num_classes * spec.n_shot
+    if vectors.shape != (expected, spec.proj_dim) or labels.shape != (expected,):
+        raise _invalid(
+            f"support record: expected vectors ({expected}, {spec.proj_dim}) and labels "
+            f"({expected},), got {tuple(vectors.shape)} and {tuple(labels.shape)}"
+        )
+    if not torch.isfinite(vectors).all():
+        raise _invalid("support record holds NaN or Inf")
+    return SupportSet(vectors=vectors, labels=labels, indices=torch.full_like(labels, -1))
+
+
+def build_model(spec: ModelSpec, arrays: ArrayRecord, support: SupportSet | None) -> SICModel:
+    """The global model: architecture from ``spec``, weights from ``arrays``.
+
+    Raises
+    ------
+    SiteError
+        (``invalid_message``) if the weights do not match the architecture.
+    """
+    model = create_model(
+        spec.encoder,
+        in_channels=1,
+        num_classes=spec.num_classes,
+        n_shot=spec.n_shot,
+        proj_dim=spec.proj_dim,
+    )
+    expected = set(model.state_dict()) - SUPPORT_BUFFER_KEYS
+    if set(arrays.keys()) != expected:
+        missing = sorted(expected - set(arrays.keys()))[:5]
+        extra = sorted(set(arrays.keys()) - expected)[:5]
+        raise _invalid(f"weights do not match the model: missing {missing}, unexpected {extra}")
+    state = {key: torch.from_numpy(arrays[key].numpy().copy()) for key in expected}
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise _invalid(f"weights do not fit the model: {error}") from None
+    if support is not None:
+        model.set_support(support.vectors, support.labels)
+    return model
+
+
+def weights_record(model: SICModel) -> ArrayRecord:
+    """The model's weights for the server: B-cos filters at unit length, no support buffers."""
+    state = unit_filter_state_dict(model)
+    for key, value in state.items():
+        if torch.is_floating_point(value) and not torch.isfinite(value).all():
+            raise SiteError(f"local training produced non-finite weights in {key}")
+    return ArrayRecord(
+        {
+            key: Array(value.cpu().numpy())
+            for key, value in state.items()
+            if key not in SUPPORT_BUFFER_KEYS
+        }
+    )
+
+
+@contextmanager
+def proximal_term(model: SICModel, mu: float) -> Iterator[None]:
+    """FedProx: add ``mu * (w - w_global)`` to every parameter's gradient while active.
+
+    That is the gradient of ``mu / 2 * ||w - w_global||^2`` with ``w_global`` the weights
+    at entry; hooks are removed on exit (also after an exception).
+    """
+    if mu <= 0:
+        yield
+        return
+    handles = []
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        anchor = parameter.detach().clone()
+
+        def hook(grad: Tensor, parameter: Tensor = parameter, anchor: Tensor = anchor) -> Tensor:
+            return grad + mu * (parameter.detach() - anchor)
+
+        handles.append(parameter.register_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def train_locally(
+    model: SICModel,
+    images: Tensor,
+    labels: Tensor,
+    settings: RoundSettings,
+    *,
+    augment: Augment | None = None,
+    anchor_rounds: int = 1,
+) -> TrainHistory:
+    """Train the global model on this site's training split for one round.
+
+    Parameters
+    ----------
+    model
+        The global model (trained in place).
+    images, labels
+        ``(N, 1, S, S)`` float32 in ``[0, 1]`` and ``(N,)`` int64 training data.
+    settings
+        Round settings from the server.
+    augment
+        ``augment(batch, generator) -> batch`` applied to query images (the site's
+        training augmentation), or ``None``.
+    anchor_rounds
+        In the first ``anchor_rounds`` rounds every local epoch trains against the public,
+        seeded class anchors (:func:`sic_core.support.anchor_support`), identical at every
+        site, which spreads the embeddings of a randomly initialised encoder; later rounds
+        train episodically, as the reference SIC does.
+    """
+    if images.shape[0] == 0:
+        raise SiteError("the training split is empty", reason="no_training_data")
+    anchored = settings.server_round <= anchor_rounds
+    config = TrainConfig(
+        epochs=settings.local_epochs,
+        lr=settings.lr,
+        warmup_epochs=0.0,
+        anchor_epochs=settings.local_epochs if anchored else 0,
+        batch_size=settings.batch_size,
+        seed=settings.seed + settings.server_round,
+    )
+    with proximal_term(model, settings.proximal_mu):
+        history = train_sic(model, images, labels, config, augment=augment, finalize_support=False)
+    if not math.isfinite(history.final_loss):
+        raise SiteError("local training diverged (non-finite loss)", reason="training_diverged")
+    return history
+
+
+def support_statistics(
+    model: SICModel, images: Tensor, labels: Tensor, *, seed: int
+) -> ClusterStatistics:
+    """Per-class k-means cluster sums ``(C, n_shot, D)`` and counts ``(C, n_shot)``."""
+    embeddings = embed_all(model, images)
+    return cluster_statistics(embeddings, labels, model.num_classes, model.n_shot, seed=seed)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Validation metrics of the global model at one site.
+
+    AUROCs are ``nan`` when the split lacks an outcome (then ``auroc_defined`` is False).
+    ``local_support`` holds the chosen training image per support vector (``-1``: none).
+    """
+
+    num_examples: int
+    loss: float
+    auroc: float
+    balanced_accuracy: float
+    accuracy: float
+    auroc_global_support: float
+    local_support: SupportSet
+
+    @property
+    def auroc_defined(self) -> bool:
+        return math.isfinite(self.auroc)
+
+
+@torch.no_grad()
+def _logits(model: SICModel, images: Tensor, batch_size: int = 256) -> Tensor:
+    model.eval()
+    return torch.cat([model(chunk) for chunk in images.split(batch_size)])
+
+
+def evaluate_locally(
+    model: SICModel,
+    global_support: SupportSet,
+    train_images: Tensor,
+    train_labels: Tensor,
+    val_images: Tensor,
+    val_labels: Tensor,
+) -> EvalResult:
+    """Score the global model on the validation split with site-local supports.
+
+    Each global support vector is replaced by the embedding of the site's nearest training
+    image of its class (classes absent here keep the global vector); loss, AUROC and
+    balanced accuracy use those supports. ``auroc_global_support`` scores the unmodified
+    global vectors for comparison.
+    """
+    if val_images.shape[0] == 0:
+        raise SiteError("the validation split is empty", reason="no_validation_data")
+    embeddings = embed_all(model, train_images)
+    local = nearest_local_support(
+        global_support.vectors, global_support.labels, embeddings, train_labels
+    )
+    model.set_support(global_support.vectors, global_support.labels)
+    global_logits = _logits(model, val_images)
+    model.set_support(local.vectors, local.labels)
+    logits = _logits(model, val_images)
+    predicted = logits.argmax(dim=1)
+    return EvalResult(
+        num_examples=int(val_images.shape[0]),
+        loss=float(sic_loss(logits, val_labels)),
+        auroc=auroc(logits, val_labels),
+        balanced_accuracy=balanced_accuracy(predicted, val_labels),
+        accuracy=float((predicted == val_labels).float().mean()),
+        auroc_global_support=auroc(global_logits, val_labels),
+        local_support=local,
+    )

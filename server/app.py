@@ -1,0 +1,142 @@
+"""Flower ServerApp of sicfed (``serverapp = "server.app:app"`` in pyproject.toml).
+
+Reads the run config (:class:`server.settings.RunSettings`), builds the initial SIC model,
+the strategy and the MLflow tracker, and runs :func:`server.federation.run_federation`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.checkpoint import RunFiles
+from server.federation import run_federation
+from server.settings import RunSettings
+from server.sites import SiteDirectory
+from server.strategy import SicStrategy, make_aggregator
+from server.tracking import MlflowTracker
+from sic_core import create_model, unit_filter_state_dict
+from sic_core.errors import SicfedError
+from sic_core.wire import SUPPORT_BUFFER_KEYS, ConfigKey
+
+__all__ = ["app", "build_strategy", "initial_weights", "main", "round_configs"]
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+def initial_weights(settings: RunSettings) -> tuple[ArrayRecord, dict]:
+    """Seeded initial weights (B-cos filters at unit length) and the model config."""
+    torch.manual_seed(settings.seed)
+    model = create_model(
+        settings.encoder,
+        in_channels=1,
+        num_classes=settings.num_classes,
+        n_shot=settings.n_shot,
+        proj_dim=settings.proj_dim,
+    )
+    state = unit_filter_state_dict(model)
+    arrays = ArrayRecord(
+        {
+            key: Array(value.cpu().numpy())
+            for key, value in state.items()
+            if key not in SUPPORT_BUFFER_KEYS
+        }
+    )
+    return arrays, model.config.to_dict()
+
+
+def round_configs(settings: RunSettings) -> tuple[ConfigRecord, ConfigRecord]:
+    """The ``train`` and the ``evaluate``/``support`` round configs sent to sites."""
+    spec = settings.model_spec()
+    train = ConfigRecord(
+        {
+            **spec,
+            str(ConfigKey.LOCAL_EPOCHS): settings.local_epochs,
+            str(ConfigKey.LR): settings.lr,
+            str(ConfigKey.BATCH_SIZE): settings.batch_size,
+            str(ConfigKey.SEED): settings.seed,
+            str(ConfigKey.DP): settings.dp,
+        }
+    )
+    evaluate = ConfigRecord({**spec, str(ConfigKey.SEED): settings.seed})
+    return train, evaluate
+
+
+def build_strategy(settings: RunSettings, sites: SiteDirectory | None = None) -> SicStrategy:
+    """The SIC strategy over the aggregator named in the run config."""
+    aggregator = make_aggregator(
+        settings.strategy,
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=settings.fraction_evaluate,
+        min_sites=settings.min_sites,
+        proximal_mu=settings.proximal_mu,
+        server_lr=settings.server_lr,
+        trim_beta=settings.trim_beta,
+    )
+    return SicStrategy(
+        aggregator,
+        num_classes=settings.num_classes,
+        n_shot=settings.n_shot,
+        proj_dim=settings.proj_dim,
+        node_wait=settings.node_wait,
+        max_update_norm=settings.max_update_norm,
+        merge_seed=settings.seed,
+        sites=sites,
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run one federation as configured by ``context.run_config``."""
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)
+    arrays, model_config = initial_weights(settings)
+    strategy = build_strategy(settings)
+    strategy.summary()
+    train_config, evaluate_config = round_configs(settings)
+    files = RunFiles(settings.resolved_run_dir(), context.run_id)
+    tracker = None
+    if settings.tracking_uri:
+        tracker = MlflowTracker(
+            settings.tracking_uri,
+            settings.study,
+            run_name=f"fed-{context.run_id}",
+            params=settings.as_params(),
+        )
+        tracker.start()
+    files.write_status("running", rounds=settings.rounds)
+    try:
+        run_federation(
+            grid,
+            strategy,
+            initial_arrays=arrays,
+            num_rounds=settings.rounds,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            timeout=settings.round_timeout,
+            poll_interval=settings.poll_interval,
+            files=files,
+            tracker=tracker,
+            checkpoint_extra={
+                "model_config": model_config,
+                "run_config": settings.model_dump(by_alias=True),
+            },
+        )
+    except BaseException as error:
+        reason = error.reason if isinstance(error, SicfedError) else "server_error"
+        log.exception("federation run %s failed (%s)", context.run_id, reason)
+        files.write_status("failed", reason=reason)
+        if tracker is not None:
+            tracker.finish("failed")
+        raise
+    files.write_status("completed", rounds=settings.rounds)
+    if tracker is not None:
+        tracker.finish("completed")

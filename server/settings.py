@@ -1,0 +1,128 @@
+"""Run settings: the ``[tool.flwr.app.config]`` table, validated.
+
+Run-config keys are kebab-case (``local-epochs``); Python names are snake_case. Defaults live
+in ``pyproject.toml`` (that table is what ``flwr run`` sends); an override on the command line
+(``--run-config 'rounds=5'``) must name a key that exists there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sic_core.errors import ConfigError
+from sic_core.wire import ConfigKey
+
+__all__ = ["RunSettings"]
+
+
+class RunSettings(BaseModel):
+    """Everything the ServerApp reads from the run config.
+
+    Attributes
+    ----------
+    rounds
+        Federated rounds (train, support, evaluate, checkpoint).
+    local_epochs, lr, batch_size
+        Local training per round at every site.
+    encoder, image_size, num_classes, n_shot, proj_dim
+        The global SIC model.
+    strategy
+        ``fedavg`` (default), ``fedprox``, ``fedadam``, ``fedmedian`` or ``fedtrimmedavg``.
+    proximal_mu, server_lr, trim_beta
+        FedProx's mu, FedAdam's server learning rate, FedTrimmedAvg's cut fraction.
+    fraction_train, fraction_evaluate, min_sites
+        Site sampling.
+    seed
+        Seeds node sampling, the initial model and the support merge.
+    dp
+        Train with DP-SGD at the sites (each site's own privacy settings apply).
+    max_update_norm
+        Reject train replies whose update norm exceeds this (0 disables).
+    round_timeout, node_wait, poll_interval
+        Seconds to wait for replies per phase, for enough sites, and between polls.
+    run_dir
+        Where checkpoints and the round log go (relative: to the SuperLink's folder).
+    tracking_uri, study
+        MLflow tracking server (empty: no tracking) and the study (experiment
+        ``sicfed/<study>``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    rounds: int = Field(3, ge=1)
+    local_epochs: int = Field(1, ge=1, alias="local-epochs")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1, alias="batch-size")
+    encoder: str = "bcos_cnn_small"
+    image_size: int = Field(64, ge=16, alias="image-size")
+    num_classes: int = Field(2, ge=2, alias="num-classes")
+    n_shot: int = Field(3, ge=1, alias="n-shot")
+    proj_dim: int = Field(128, ge=1, alias="proj-dim")
+    strategy: str = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0, alias="proximal-mu")
+    server_lr: float = Field(0.1, gt=0, alias="server-lr")
+    trim_beta: float = Field(0.2, ge=0, lt=0.5, alias="trim-beta")
+    fraction_train: float = Field(1.0, gt=0, le=1, alias="fraction-train")
+    fraction_evaluate: float = Field(1.0, gt=0, le=1, alias="fraction-evaluate")
+    min_sites: int = Field(2, ge=1, alias="min-sites")
+    seed: int = Field(0, ge=0)
+    dp: bool = False
+    max_update_norm: float = Field(0.0, ge=0, alias="max-update-norm")
+    round_timeout: float = Field(900.0, gt=0, alias="round-timeout")
+    node_wait: float = Field(120.0, gt=0, alias="node-wait")
+    poll_interval: float = Field(0.2, gt=0, le=10, alias="poll-interval")
+    run_dir: str = Field("runs", alias="run-dir")
+    tracking_uri: str = Field("", alias="tracking-uri")
+    study: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        from sic_core.encoders import list_encoders
+
+        known = list_encoders()
+        if value not in known:
+            raise ValueError(f"unknown encoder {value!r} (choose from {', '.join(known)})")
+        return value
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
+        """Validate a Flower run config.
+
+        Raises
+        ------
+        ConfigError
+            Naming every offending key (kebab-case, as written in the run config).
+        """
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as error:
+            lines = []
+            for item in error.errors(include_url=False):
+                key = ".".join(str(part) for part in item["loc"]) or "(run config)"
+                message = item["msg"].removeprefix("Value error, ")
+                if item["type"] == "extra_forbidden":
+                    message = "unknown run-config key"
+                lines.append(f"  - {key}: {message}")
+            raise ConfigError("invalid run config:\n" + "\n".join(lines)) from None
+
+    def resolved_run_dir(self) -> Path:
+        """``run_dir`` as an absolute path."""
+        return Path(self.run_dir).expanduser().resolve()
+
+    def model_spec(self) -> dict[str, int | str]:
+        """The model keys every message carries (see :class:`sic_core.wire.ConfigKey`)."""
+        return {
+            str(ConfigKey.ENCODER): self.encoder,
+            str(ConfigKey.NUM_CLASSES): self.num_classes,
+            str(ConfigKey.N_SHOT): self.n_shot,
+            str(ConfigKey.PROJ_DIM): self.proj_dim,
+            str(ConfigKey.IMAGE_SIZE): self.image_size,
+        }
+
+    def as_params(self) -> dict[str, str]:
+        """Settings as MLflow parameters (kebab-case keys, string values)."""
+        return {key: str(value) for key, value in self.model_dump(by_alias=True).items()}

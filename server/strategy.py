@@ -1,0 +1,469 @@
+"""The SIC federation strategy: a Flower strategy that knows sites, supports and bad replies.
+
+:class:`SicStrategy` is a Flower :class:`~flwr.serverapp.strategy.Strategy`. It delegates
+sampling and weight aggregation to a built-in Flower strategy (FedAvg by default; FedProx,
+FedAdam, FedMedian or FedTrimmedAvg, see :func:`make_aggregator`) and adds what SIC and a
+hospital network need around it:
+
+- bounded waiting for sites (Flower's sampling waits forever for a missing site);
+- the global support set attached to every ``train`` and ``evaluate`` message;
+- validation of every reply before aggregation (:mod:`server.validation`);
+- attribution of every reply, rejection, error and timeout to a site name;
+- replies sorted by site before aggregation, so the aggregate does not depend on arrival
+  order;
+- the support phase (``query.support``): per-class cluster statistics from every site,
+  merged into global support vectors by weighted k-means.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Strategy,
+)
+
+from server.messaging import wait_for_nodes
+from server.sites import SiteDirectory, site_name_in
+from server.validation import (
+    Rejection,
+    check_eval_reply,
+    check_support_reply,
+    check_train_reply,
+)
+from sic_core.errors import ConfigError
+from sic_core.support import ClusterStatistics, SupportSet, merge_cluster_statistics
+from sic_core.wire import ArrayKey, EvalMetric, QueryName, RecordKey, is_error_reason
+
+__all__ = [
+    "STRATEGIES",
+    "Phase",
+    "PhaseReport",
+    "SicStrategy",
+    "SiteOutcome",
+    "make_aggregator",
+    "support_record",
+]
+
+log = logging.getLogger(__name__)
+
+#: Strategy names selectable in the run config (``strategy = "..."``).
+STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+}
+
+SUPPORT_MESSAGE_TYPE = f"{MessageType.QUERY}.{QueryName.SUPPORT}"
+
+
+class Phase:
+    """Names of the three message phases of a round."""
+
+    TRAIN = "train"
+    SUPPORT = "support"
+    EVALUATE = "evaluate"
+
+
+def make_aggregator(
+    name: str,
+    *,
+    fraction_train: float = 1.0,
+    fraction_evaluate: float = 1.0,
+    min_sites: int = 2,
+    proximal_mu: float = 0.01,
+    server_lr: float = 0.1,
+    trim_beta: float = 0.2,
+) -> FedAvg:
+    """Build the Flower strategy that samples sites and aggregates weights.
+
+    Parameters
+    ----------
+    name
+        One of :data:`STRATEGIES` (case-insensitive).
+    fraction_train, fraction_evaluate
+        Share of connected sites sampled for training / evaluation.
+    min_sites
+        Minimum sites to train, evaluate and to start a round with.
+    proximal_mu
+        FedProx's proximal weight.
+    server_lr
+        FedAdam's server learning rate ``eta``.
+    trim_beta
+        FedTrimmedAvg's cut fraction per tail.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name (with a suggestion) or an invalid parameter.
+    """
+    key = name.strip().lower()
+    if key not in STRATEGIES:
+        hint = difflib.get_close_matches(key, list(STRATEGIES), n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(
+            f"strategy: unknown strategy {name!r}{suggestion} (choose from {', '.join(STRATEGIES)})"
+        )
+    common = {
+        "fraction_train": fraction_train,
+        "fraction_evaluate": fraction_evaluate,
+        "min_train_nodes": min_sites,
+        "min_evaluate_nodes": min_sites,
+        "min_available_nodes": min_sites,
+    }
+    if key == "fedprox":
+        return FedProx(**common, proximal_mu=proximal_mu)
+    if key == "fedadam":
+        return FedAdam(**common, eta=server_lr)
+    if key == "fedtrimmedavg":
+        if not 0.0 <= trim_beta < 0.5:
+            raise ConfigError(f"trim-beta: expected a value in [0, 0.5), got {trim_beta}")
+        return FedTrimmedAvg(**common, beta=trim_beta)
+    return STRATEGIES[key](**common)
+
+
+def support_record(support: SupportSet) -> ArrayRecord:
+    """The ``support`` record: global vectors ``(K, D)`` float32 and labels ``(K,)`` int64."""
+    return ArrayRecord(
+        {
+            str(ArrayKey.VECTORS): Array(support.vectors.detach().float().cpu().numpy()),
+            str(ArrayKey.LABELS): Array(support.labels.detach().long().cpu().numpy()),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class SiteOutcome:
+    """What one site did in one phase.
+
+    Attributes
+    ----------
+    site
+        Site pseudonym (``node-<id>`` while a site has not named itself).
+    status
+        ``ok``, ``rejected`` (reply failed validation), ``failed`` (the site sent an error
+        code) or ``timeout`` (no reply before the deadline).
+    reason
+        Fixed reason code for anything but ``ok``.
+    metrics
+        The site's metrics (``ok`` only).
+    """
+
+    site: str
+    status: str
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PhaseReport:
+    """Outcomes of one phase of one round, sorted by site."""
+
+    phase: str
+    server_round: int
+    outcomes: tuple[SiteOutcome, ...] = ()
+
+    @property
+    def ok(self) -> list[SiteOutcome]:
+        """Sites whose replies were accepted."""
+        return [o for o in self.outcomes if o.status == "ok"]
+
+    @property
+    def problems(self) -> list[SiteOutcome]:
+        """Sites that were rejected, failed or timed out."""
+        return [o for o in self.outcomes if o.status != "ok"]
+
+
+Checker = Callable[[RecordDict], Rejection | None]
+
+
+class SicStrategy(Strategy):
+    """Flower strategy for SIC: validated, site-attributed, support-aware aggregation.
+
+    Parameters
+    ----------
+    aggregator
+        A Flower strategy (see :func:`make_aggregator`) that samples sites and aggregates the
+        accepted weights.
+    num_classes, n_shot, proj_dim
+        Shape of the support set: ``K = num_classes * n_shot`` vectors of ``proj_dim``.
+    node_wait
+        Seconds to wait for the aggregator's ``min_available_nodes`` before a phase.
+    max_update_norm
+        Reject train replies whose update is longer than this (``0``: no bound).
+    merge_seed
+        Seed of the weighted k-means that merges site centroids.
+    sites
+        Directory of node ids, site names and sent messages (shared with the exchange).
+    """
+
+    def __init__(
+        self,
+        aggregator: FedAvg,
+        *,
+        num_classes: int,
+        n_shot: int,
+        proj_dim: int,
+        node_wait: float = 120.0,
+        max_update_norm: float = 0.0,
+        merge_seed: int = 0,
+        sites: SiteDirectory | None = None,
+    ) -> None:
+        self.aggregator = aggregator
+        self.num_classes = num_classes
+        self.n_shot = n_shot
+        self.proj_dim = proj_dim
+        self.node_wait = node_wait
+        self.max_update_norm = max_update_norm
+        self.merge_seed = merge_seed
+        self.sites = sites if sites is not None else SiteDirectory()
+        #: Current global support set (set by the support phase).
+        self.support: SupportSet | None = None
+        #: Latest report per phase.
+        self.reports: dict[str, PhaseReport] = {}
+        self._sent_arrays: ArrayRecord | None = None
+        self._expected: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------------ configure
+    def summary(self) -> None:
+        """Log the configuration."""
+        log.info(
+            "SicStrategy over %s: %d classes x %d supports (dim %d), update-norm bound %s",
+            type(self.aggregator).__name__,
+            self.num_classes,
+            self.n_shot,
+            self.proj_dim,
+            self.max_update_norm or "off",
+        )
+        self.aggregator.summary()
+
+    def _wait(self, grid: Grid) -> None:
+        wait_for_nodes(grid, self.aggregator.min_available_nodes, timeout=self.node_wait)
+
+    def _with_support(self, messages: Iterable[Message]) -> list[Message]:
+        if self.support is None:
+            raise RuntimeError("the support phase must run before train or evaluate")
+        record = support_record(self.support)
+        messages = list(messages)
+        for message in messages:
+            message.content[str(RecordKey.SUPPORT)] = record
+        return messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample sites (bounded wait) and send weights, global support and round config."""
+        self._wait(grid)
+        messages = self._with_support(
+            self.aggregator.configure_train(server_round, arrays, config, grid)
+        )
+        self._sent_arrays = arrays
+        self._expected[Phase.TRAIN] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def configure_support(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Ask every connected site for cluster statistics under the weights ``arrays``."""
+        self._wait(grid)
+        config = ConfigRecord(dict(config))
+        config["server-round"] = server_round
+        nodes = sorted(grid.get_node_ids())
+        content = RecordDict({str(RecordKey.ARRAYS): arrays, str(RecordKey.CONFIG): config})
+        messages = [
+            Message(content=content, dst_node_id=node, message_type=SUPPORT_MESSAGE_TYPE)
+            for node in nodes
+        ]
+        self._expected[Phase.SUPPORT] = nodes
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample sites (bounded wait) and send weights, global support and round config."""
+        self._wait(grid)
+        messages = self._with_support(
+            self.aggregator.configure_evaluate(server_round, arrays, config, grid)
+        )
+        self._expected[Phase.EVALUATE] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    # ------------------------------------------------------------------ review
+    def review(
+        self, phase: str, server_round: int, replies: Iterable[Message], check: Checker
+    ) -> tuple[list[Message], PhaseReport]:
+        """Validate and attribute replies; return the accepted ones sorted by site.
+
+        Every reply is attributed to a site through the message it answers; error replies
+        keep only their fixed reason code; a configured site without any reply is reported
+        as ``timeout``.
+        """
+        accepted: list[tuple[str, Message]] = []
+        outcomes: list[SiteOutcome] = []
+        answered: set[int] = set()
+        for reply in replies:
+            node = self.sites.node_of(reply)
+            if node is None:
+                node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                reason = reply.error.reason or ""
+                code = reason if is_error_reason(reason) else "unknown_error"
+                site = self.sites.name_of(node)
+                log.warning("%s round %d: site %s failed: %s", phase, server_round, site, code)
+                outcomes.append(SiteOutcome(site=site, status="failed", reason=code))
+                continue
+            name = site_name_in(reply)
+            if name is not None:
+                self.sites.learn(node, name)
+            site = self.sites.name_of(node)
+            rejection = check(reply.content)
+            if rejection is not None:
+                log.warning(
+                    "%s round %d: rejected the reply of site %s (%s): %s",
+                    phase,
+                    server_round,
+                    site,
+                    rejection.reason,
+                    rejection.detail,
+                )
+                outcomes.append(SiteOutcome(site=site, status="rejected", reason=rejection.reason))
+                continue
+            metrics = reply.content[str(RecordKey.METRICS)]
+            outcomes.append(
+                SiteOutcome(
+                    site=site,
+                    status="ok",
+                    metrics={key: float(value) for key, value in metrics.items()},
+                )
+            )
+            accepted.append((site, reply))
+        for node in self._expected.get(phase, []):
+            if node not in answered:
+                site = self.sites.name_of(node)
+                log.warning("%s round %d: no reply from site %s", phase, server_round, site)
+                outcomes.append(SiteOutcome(site=site, status="timeout", reason="timeout"))
+        accepted.sort(key=lambda pair: pair[0])
+        report = PhaseReport(
+            phase=phase,
+            server_round=server_round,
+            outcomes=tuple(sorted(outcomes, key=lambda o: (o.site, o.status))),
+        )
+        self.reports[phase] = report
+        return [reply for _, reply in accepted], report
+
+    # ------------------------------------------------------------------ aggregate
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, attribute and sort train replies, then aggregate them with the aggregator."""
+        reference = self._sent_arrays
+        if reference is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        accepted, _ = self.review(
+            Phase.TRAIN,
+            server_round,
+            replies,
+            lambda content: check_train_reply(
+                content, reference, max_update_norm=self.max_update_norm
+            ),
+        )
+        if not accepted:
+            log.warning(
+                "train round %d: no valid reply; the global model is unchanged", server_round
+            )
+            return None, None
+        return self.aggregator.aggregate_train(server_round, accepted)
+
+    def aggregate_support(self, server_round: int, replies: Iterable[Message]) -> SupportSet | None:
+        """Merge the sites' cluster statistics into the new global support set.
+
+        Returns ``None`` (and keeps the previous support set) when no site replied validly.
+        """
+        accepted, _ = self.review(
+            Phase.SUPPORT,
+            server_round,
+            replies,
+            lambda content: check_support_reply(
+                content, num_classes=self.num_classes, n_shot=self.n_shot, dim=self.proj_dim
+            ),
+        )
+        if not accepted:
+            log.warning("support round %d: no valid reply; keeping the support set", server_round)
+            return None
+        statistics = []
+        for reply in accepted:
+            stats = reply.content[str(RecordKey.STATS)]
+            statistics.append(
+                ClusterStatistics(
+                    sums=torch.from_numpy(stats[str(ArrayKey.SUMS)].numpy().copy()),
+                    counts=torch.from_numpy(stats[str(ArrayKey.COUNTS)].numpy().copy()),
+                )
+            )
+        support = merge_cluster_statistics(statistics, self.n_shot, seed=self.merge_seed)
+        missing = [
+            c
+            for c in range(self.num_classes)
+            if not any(float(s.counts[c].sum()) > 0 for s in statistics)
+        ]
+        if missing:
+            log.warning("support round %d: no site has images of classes %s", server_round, missing)
+        self.support = support
+        return support
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Validate and attribute evaluation replies; weighted means plus per-site summaries.
+
+        Besides the aggregator's example-weighted means, the record holds
+        ``sites.mean-auroc`` and ``sites.min-auroc`` over the sites whose AUROC is defined,
+        and ``sites.evaluated``.
+        """
+        accepted, report = self.review(Phase.EVALUATE, server_round, replies, check_eval_reply)
+        if not accepted:
+            log.warning("evaluate round %d: no valid reply", server_round)
+            return None
+        metrics = self.aggregator.aggregate_evaluate(server_round, accepted) or MetricRecord()
+        aurocs = [
+            o.metrics[str(EvalMetric.AUROC)]
+            for o in report.ok
+            if o.metrics[str(EvalMetric.AUROC_DEFINED)] > 0
+        ]
+        metrics["sites.evaluated"] = len(report.ok)
+        if aurocs:
+            metrics["sites.mean-auroc"] = float(np.mean(aurocs))
+            metrics["sites.min-auroc"] = float(np.min(aurocs))
+        return metrics
+
+    # ------------------------------------------------------------------ state
+    def aggregator_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """Server-optimiser moments of adaptive aggregators (FedAdam), for checkpoints."""
+        state: dict[str, dict[str, np.ndarray]] = {}
+        for name in ("m_t", "v_t"):
+            value = getattr(self.aggregator, name, None)
+            if value:
+                state[name] = {key: np.asarray(array) for key, array in value.items()}
+        return state

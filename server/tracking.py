@@ -1,0 +1,149 @@
+"""MLflow tracking of a federation run: one parent run, one child run per site.
+
+The *server* logs every site's metrics into that site's child run with ``step=round``; sites
+never talk to the tracking server. Metric keys follow METRICS.md: ``perf/*``, ``data/*``,
+``dp/*``, ``time/*`` per site; cross-site summaries on the parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from server.strategy import PhaseReport
+from sic_core.wire import EvalMetric, SupportMetric, TrainMetric
+
+__all__ = ["SITE_METRIC_NAMES", "MlflowTracker", "experiment_name"]
+
+log = logging.getLogger(__name__)
+
+#: Wire metric key per phase -> MLflow key in the site's child run.
+SITE_METRIC_NAMES: dict[str, dict[str, str]] = {
+    "train": {
+        TrainMetric.NUM_EXAMPLES: "data/train_images",
+        TrainMetric.LOSS: "train/loss",
+        TrainMetric.EPOCHS: "train/epochs",
+        TrainMetric.SECONDS: "time/train_s",
+        TrainMetric.QUARANTINED: "data/quarantined",
+        TrainMetric.DP_EPSILON: "dp/epsilon",
+    },
+    "support": {
+        SupportMetric.NUM_EXAMPLES: "data/support_images",
+        SupportMetric.CLASSES_PRESENT: "data/classes_present",
+        SupportMetric.SECONDS: "time/support_s",
+    },
+    "evaluate": {
+        EvalMetric.NUM_EXAMPLES: "data/val_images",
+        EvalMetric.LOSS: "perf/loss",
+        EvalMetric.AUROC: "perf/auroc",
+        EvalMetric.BALANCED_ACCURACY: "perf/balanced_accuracy",
+        EvalMetric.ACCURACY: "perf/accuracy",
+        EvalMetric.AUROC_GLOBAL_SUPPORT: "perf/auroc_global_support",
+        EvalMetric.LOCAL_SUPPORTS: "support/local_supports",
+        EvalMetric.SECONDS: "time/eval_s",
+    },
+}
+
+
+def experiment_name(study: str) -> str:
+    """The MLflow experiment of a study: ``sicfed/<study>``."""
+    return f"sicfed/{study}"
+
+
+class MlflowTracker:
+    """Logs a federation run to an MLflow tracking server with explicit run ids.
+
+    Parameters
+    ----------
+    tracking_uri
+        e.g. ``http://127.0.0.1:5000``.
+    study
+        Experiment ``sicfed/<study>``.
+    run_name
+        Parent run name (``fed-<flower run id>``).
+    params
+        Parent run parameters (the run settings).
+    """
+
+    def __init__(self, tracking_uri: str, study: str, run_name: str, params: dict[str, str]):
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.study = study
+        self.run_name = run_name
+        self.params = params
+        self.experiment_id = ""
+        self.parent_run_id = ""
+        self.site_run_ids: dict[str, str] = {}
+
+    def start(self) -> str:
+        """Create (or find) the experiment and open the parent run; return its id."""
+        name = experiment_name(self.study)
+        experiment = self.client.get_experiment_by_name(name)
+        self.experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(name)
+        )
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name)
+        self.parent_run_id = run.info.run_id
+        self.client.log_batch(
+            self.parent_run_id,
+            params=[Param(key, value) for key, value in sorted(self.params.items())],
+        )
+        log.info("MLflow parent run %s in experiment %s", self.parent_run_id, name)
+        return self.parent_run_id
+
+    def site_run(self, site: str) -> str:
+        """The child run of ``site`` (created on first use)."""
+        if site not in self.site_run_ids:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"site-{site}",
+                tags={"mlflow.parentRunId": self.parent_run_id, "sicfed.site": site},
+            )
+            self.site_run_ids[site] = run.info.run_id
+        return self.site_run_ids[site]
+
+    def log_round(
+        self, server_round: int, reports: Iterable[PhaseReport], summary: dict[str, float]
+    ) -> None:
+        """Log each site's metrics (``step=server_round``) and the round summary."""
+        stamp = int(time.time() * 1000)
+        per_site: dict[str, list[Metric]] = {}
+        for report in reports:
+            names = SITE_METRIC_NAMES[report.phase]
+            for outcome in report.outcomes:
+                metrics = per_site.setdefault(outcome.site, [])
+                metrics.append(
+                    Metric(
+                        f"fed/{report.phase}_ok", float(outcome.status == "ok"), stamp, server_round
+                    )
+                )
+                for key, value in outcome.metrics.items():
+                    if key == EvalMetric.AUROC and outcome.metrics[EvalMetric.AUROC_DEFINED] < 1:
+                        continue
+                    if key in names:
+                        metrics.append(Metric(names[key], value, stamp, server_round))
+        try:
+            for site, metrics in sorted(per_site.items()):
+                self.client.log_batch(self.site_run(site), metrics=metrics)
+            self.client.log_batch(
+                self.parent_run_id,
+                metrics=[
+                    Metric(key, value, stamp, server_round)
+                    for key, value in sorted(summary.items())
+                ],
+            )
+        except Exception as error:  # tracking must not stop a federation
+            log.warning("MLflow logging of round %d failed: %s", server_round, error)
+
+    def finish(self, status: str) -> None:
+        """Close the site runs and the parent run with ``FINISHED`` or ``FAILED``."""
+        terminal = RunStatus.to_string(
+            RunStatus.FINISHED if status == "completed" else RunStatus.FAILED
+        )
+        for run_id in self.site_run_ids.values():
+            self.client.set_terminated(run_id, status=terminal)
+        self.client.set_terminated(self.parent_run_id, status=terminal)

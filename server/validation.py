@@ -1,0 +1,195 @@
+"""Checks every site reply must pass before it reaches an aggregate.
+
+A reply is rejected (and logged against its site) when a record is missing, a metric key is
+missing or extra, a value is NaN/Inf, an array has the wrong name, shape or dtype, a count is
+negative, or a weight update is longer than the configured bound. Each check returns a fixed
+reason code, never the offending values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from sic_core.wire import (
+    EVAL_METRIC_KEYS,
+    SITE_NAME_PATTERN,
+    SUPPORT_METRIC_KEYS,
+    TRAIN_METRIC_KEYS,
+    ArrayKey,
+    EvalMetric,
+    RecordKey,
+    SiteKey,
+    SupportMetric,
+    TrainMetric,
+)
+
+__all__ = [
+    "Rejection",
+    "check_eval_reply",
+    "check_support_reply",
+    "check_train_reply",
+]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a reply was refused: a fixed ``reason`` code plus a detail for the server log."""
+
+    reason: str
+    detail: str
+
+
+def _site_and_metrics(
+    content: RecordDict, expected_keys: frozenset[str], count_key: str
+) -> Rejection | None:
+    site = content.get(str(RecordKey.SITE))
+    if not isinstance(site, ConfigRecord):
+        return Rejection("missing_site", "no 'site' ConfigRecord")
+    name = site.get(str(SiteKey.NAME))
+    if not isinstance(name, str) or SITE_NAME_PATTERN.fullmatch(name) is None:
+        return Rejection("bad_site_name", "the site name is missing or malformed")
+    if len(content.metric_records) != 1:
+        return Rejection(
+            "metric_records", f"expected one MetricRecord, got {len(content.metric_records)}"
+        )
+    metrics = content.get(str(RecordKey.METRICS))
+    if not isinstance(metrics, MetricRecord):
+        return Rejection("missing_metrics", "no 'metrics' MetricRecord")
+    keys = set(metrics.keys())
+    if keys != expected_keys:
+        missing = sorted(expected_keys - keys)
+        extra = sorted(keys - expected_keys)
+        return Rejection(
+            "metric_keys", f"metric keys differ: missing {missing}, unexpected {extra}"
+        )
+    for key, value in metrics.items():
+        if isinstance(value, list | bool):
+            return Rejection("metric_type", f"metric {key!r} is not a single number")
+        if not math.isfinite(float(value)):
+            return Rejection("non_finite", f"metric {key!r} is not finite")
+    count = metrics[count_key]
+    if float(count) < 1 or float(count) != int(count):
+        return Rejection("bad_count", f"{count_key!r} must be a positive whole number")
+    return None
+
+
+def _arrays_match(
+    record: object, expected: dict[str, tuple[tuple[int, ...], np.dtype]], name: str
+) -> tuple[dict[str, np.ndarray] | None, Rejection | None]:
+    if not isinstance(record, ArrayRecord):
+        return None, Rejection("missing_arrays", f"no {name!r} ArrayRecord")
+    if set(record.keys()) != set(expected):
+        missing = sorted(set(expected) - set(record.keys()))
+        extra = sorted(set(record.keys()) - set(expected))
+        return None, Rejection(
+            "array_keys", f"{name}: missing arrays {missing[:5]}, unexpected {extra[:5]}"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for key, (shape, dtype) in expected.items():
+        value = record[key].numpy()
+        if value.shape != shape or value.dtype != dtype:
+            return None, Rejection(
+                "array_shape",
+                f"{name}.{key}: expected {shape} {dtype}, got {value.shape} {value.dtype}",
+            )
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            return None, Rejection("non_finite", f"{name}.{key} holds NaN or Inf")
+        arrays[key] = value
+    return arrays, None
+
+
+def array_spec(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Names, shapes and dtypes of the arrays in ``record`` (what a reply must match)."""
+    spec = {}
+    for key, array in record.items():
+        value = array.numpy()
+        spec[key] = (value.shape, value.dtype)
+    return spec
+
+
+def check_train_reply(
+    content: RecordDict, reference: ArrayRecord, *, max_update_norm: float = 0.0
+) -> Rejection | None:
+    """Check a ``train`` reply against the global weights it was trained from.
+
+    Parameters
+    ----------
+    content
+        The reply's records.
+    reference
+        The global weights sent to the site (names, shapes, dtypes; update origin).
+    max_update_norm
+        Reject an update whose global L2 norm ``||w_site - w_global||`` exceeds this
+        (``0`` disables the bound).
+
+    Returns
+    -------
+    Rejection or None
+        ``None`` when the reply may be aggregated.
+    """
+    problem = _site_and_metrics(content, TRAIN_METRIC_KEYS, str(TrainMetric.NUM_EXAMPLES))
+    if problem is not None:
+        return problem
+    if len(content.array_records) != 1:
+        return Rejection(
+            "array_records", f"expected one ArrayRecord, got {len(content.array_records)}"
+        )
+    arrays, problem = _arrays_match(
+        content.get(str(RecordKey.ARRAYS)), array_spec(reference), str(RecordKey.ARRAYS)
+    )
+    if problem is not None:
+        return problem
+    if max_update_norm > 0 and arrays is not None:
+        squared = 0.0
+        for key, value in arrays.items():
+            if np.issubdtype(value.dtype, np.floating):
+                delta = value.astype(np.float64) - reference[key].numpy().astype(np.float64)
+                squared += float(np.sum(delta * delta))
+        if math.sqrt(squared) > max_update_norm:
+            return Rejection(
+                "update_norm",
+                f"update norm {math.sqrt(squared):.4g} exceeds the bound {max_update_norm:.4g}",
+            )
+    return None
+
+
+def check_support_reply(
+    content: RecordDict, *, num_classes: int, n_shot: int, dim: int
+) -> Rejection | None:
+    """Check a ``query.support`` reply: per-class cluster sums ``(C, n_shot, D)`` and
+    non-negative counts ``(C, n_shot)``, both float32 and finite."""
+    problem = _site_and_metrics(content, SUPPORT_METRIC_KEYS, str(SupportMetric.NUM_EXAMPLES))
+    if problem is not None:
+        return problem
+    expected = {
+        str(ArrayKey.SUMS): ((num_classes, n_shot, dim), np.dtype(np.float32)),
+        str(ArrayKey.COUNTS): ((num_classes, n_shot), np.dtype(np.float32)),
+    }
+    arrays, problem = _arrays_match(content.get(str(RecordKey.STATS)), expected, "stats")
+    if problem is not None or arrays is None:
+        return problem
+    if (arrays[str(ArrayKey.COUNTS)] < 0).any():
+        return Rejection("bad_count", "cluster counts must be non-negative")
+    return None
+
+
+def check_eval_reply(content: RecordDict) -> Rejection | None:
+    """Check an ``evaluate`` reply: fixed metric schema, finite values, rates in ``[0, 1]``."""
+    problem = _site_and_metrics(content, EVAL_METRIC_KEYS, str(EvalMetric.NUM_EXAMPLES))
+    if problem is not None:
+        return problem
+    metrics = content[str(RecordKey.METRICS)]
+    for key in (
+        EvalMetric.AUROC,
+        EvalMetric.AUROC_GLOBAL_SUPPORT,
+        EvalMetric.BALANCED_ACCURACY,
+        EvalMetric.ACCURACY,
+        EvalMetric.AUROC_DEFINED,
+    ):
+        if not 0.0 <= float(metrics[str(key)]) <= 1.0:
+            return Rejection("out_of_range", f"metric {str(key)!r} outside [0, 1]")
+    return None
