@@ -162,14 +162,21 @@ class BcosBasicBlock(nn.Module):
 
 
 class BcosResNet18(Encoder):
-    """A ResNet-18-shaped B-cos encoder (GPU-sized): stem, four stages of two blocks."""
+    """A ResNet-18-shaped B-cos encoder (GPU-sized): stem, four stages of two blocks.
+
+    The stem is torchvision's (7x7 stride-2 convolution, 3x3 stride-2 max pool); max pooling
+    selects one input per window, so the network stays exactly linear in explanation mode.
+    """
 
     def __init__(
         self, in_channels: int, *, width: int = 64, norm: NormKind = "position", b: float = 2.0
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
-        self.stem = BcosConvBlock(in_channels, width, kernel=5, stride=2, norm=norm, b=b)
+        self.stem = nn.Sequential(
+            BcosConvBlock(in_channels, width, kernel=7, stride=2, norm=norm, b=b),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
         stages: list[nn.Module] = []
         previous = width
         for stage, stride in enumerate([1, 2, 2, 2]):

@@ -1,0 +1,1 @@
+"""Benchmarks: ratios against anchors measured on the same machine in the same run."""

@@ -1,0 +1,93 @@
+"""``python -m bench``: run the benchmarks, print a table, write ``bench/results/<device>.json``.
+
+Examples
+--------
+    python -m bench                      # CPU, writes bench/results/cpu.json
+    python -m bench --device cuda        # GPU, writes bench/results/gpu.json
+    python -m bench --only training      # one section
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import platform
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("training", "data", "round")
+
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
+console = Console()
+
+
+def _machine(device: torch.device) -> dict[str, object]:
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _run_section(name: str, device: torch.device, workdir: Path) -> dict[str, float]:
+    if name == "training":
+        from bench.training_bench import run
+
+        size = 128 if device.type == "cuda" else 64
+        return run(device, size=size, repeats=10 if device.type == "cuda" else 5)
+    module = importlib.import_module(f"bench.{name}_bench")
+    return module.run(workdir)
+
+
+@app.command()
+def main(
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    only: Annotated[list[str] | None, typer.Option(help=f"sections to run: {SECTIONS}")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="JSON file (default: results/<cpu|gpu>.json)")
+    ] = None,
+) -> None:
+    """Run the benchmarks and record their figures."""
+    chosen = torch.device(device)
+    sections = only or list(SECTIONS)
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise typer.BadParameter(f"unknown section(s) {unknown}; expected some of {SECTIONS}")
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="sicfed-bench-") as workdir:
+        for section in sections:
+            with console.status(f"benchmark: {section}"):
+                figures.update(_run_section(section, chosen, Path(workdir) / section))
+    table = Table(title=f"sicfed benchmarks on {chosen}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in figures.items():
+        table.add_row(key, f"{value:.3f}")
+    console.print(table)
+    target = out or RESULTS / ("gpu.json" if chosen.type == "cuda" else "cpu.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(chosen),
+        **figures,
+    }
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    console.print(f"written {target}")
+
+
+if __name__ == "__main__":
+    app()
