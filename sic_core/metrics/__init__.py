@@ -1,5 +1,47 @@
 """Metrics of predictions and explanations (batched PyTorch; each docstring states its formula)."""
 
-from sic_core.metrics.classification import auroc, balanced_accuracy
+from sic_core.metrics.classification import auroc, balanced_accuracy, expected_calibration_error
+from sic_core.metrics.maps import (
+    completeness_max_rel_err,
+    evidence_concentration,
+    gini,
+    mass_lift,
+    pointing_game,
+    robust_z,
+    spearman,
+    support_jaccard,
+    top_support_agreement,
+)
+from sic_core.metrics.perturbation import (
+    CounterfactualShift,
+    DeletionInsertion,
+    blur,
+    deletion_insertion,
+    inpaint,
+    marker_counterfactual_shift,
+    max_sensitivity,
+    parameter_noise_rank_correlation,
+)
 
-__all__ = ["auroc", "balanced_accuracy"]
+__all__ = [
+    "CounterfactualShift",
+    "DeletionInsertion",
+    "auroc",
+    "balanced_accuracy",
+    "blur",
+    "completeness_max_rel_err",
+    "deletion_insertion",
+    "evidence_concentration",
+    "expected_calibration_error",
+    "gini",
+    "inpaint",
+    "marker_counterfactual_shift",
+    "mass_lift",
+    "max_sensitivity",
+    "parameter_noise_rank_correlation",
+    "pointing_game",
+    "robust_z",
+    "spearman",
+    "support_jaccard",
+    "top_support_agreement",
+]

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["auroc", "balanced_accuracy"]
+__all__ = ["auroc", "balanced_accuracy", "expected_calibration_error"]
 
 
 def _binary_auroc(scores: Tensor, positive: Tensor) -> float:
@@ -59,3 +59,34 @@ def balanced_accuracy(predicted: Tensor, labels: Tensor) -> float:
         (predicted[labels == c] == c).double().mean().item() for c in labels.unique().tolist()
     ]
     return sum(recalls) / len(recalls) if recalls else math.nan
+
+
+def expected_calibration_error(probabilities: Tensor, labels: Tensor, bins: int = 15) -> float:
+    """ECE = sum_b (n_b / N) |accuracy_b - confidence_b| over ``bins`` equal-width bins.
+
+    Confidence is the predicted class's probability ``p_max``; SIC's per-class probabilities
+    are independent sigmoids, so they are normalised over classes first.
+
+    Parameters
+    ----------
+    probabilities
+        ``(N, C)`` non-negative scores per class (e.g. ``sigmoid(z)``).
+    labels
+        ``(N,)`` integer classes.
+    """
+    probabilities = probabilities.detach().double().cpu()
+    labels = labels.detach().long().cpu()
+    if probabilities.shape[0] == 0:
+        return math.nan
+    normalised = probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    confidence, predicted = normalised.max(dim=1)
+    correct = (predicted == labels).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    index = torch.bucketize(confidence, edges[1:-1], right=True)
+    total = 0.0
+    for b in range(bins):
+        in_bin = index == b
+        if in_bin.any():
+            gap = (correct[in_bin].mean() - confidence[in_bin].mean()).abs().item()
+            total += in_bin.double().mean().item() * gap
+    return total
