@@ -6,8 +6,6 @@ checkpoint in place of a good one; read with ``weights_only=True`` (no pickled c
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sic_core.atomic import atomic_write
 from sic_core.errors import ConfigError
 from sic_core.model import ModelConfig, SICModel
 
@@ -39,18 +38,8 @@ class Checkpoint:
 
 
 def atomic_torch_save(payload: object, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """``torch.save`` ``payload`` to ``path`` atomically."""
+    atomic_write(path, lambda stream: torch.save(payload, stream))
 
 
 def save_checkpoint(
