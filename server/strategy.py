@@ -33,6 +33,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -53,7 +54,7 @@ from server.validation import (
 )
 from sic_core.errors import ConfigError
 from sic_core.support import ClusterStatistics, SupportSet, merge_cluster_statistics
-from sic_core.wire import ArrayKey, EvalMetric, QueryName, RecordKey, is_error_reason
+from sic_core.wire import ArrayKey, EvalMetric, QueryName, RecordKey, parse_error
 
 __all__ = [
     "STRATEGIES",
@@ -77,6 +78,15 @@ STRATEGIES: dict[str, type[FedAvg]] = {
 }
 
 SUPPORT_MESSAGE_TYPE = f"{MessageType.QUERY}.{QueryName.SUPPORT}"
+
+#: Reason codes for error replies that Flower itself produced (their text is Flower's).
+FLOWER_ERRORS: dict[int, str] = {
+    ErrorCode.LOAD_CLIENT_APP_EXCEPTION: "clientapp_load_failed",
+    ErrorCode.MESSAGE_UNAVAILABLE: "message_unavailable",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply_unavailable",
+    ErrorCode.NODE_UNAVAILABLE: "site_unavailable",
+    ErrorCode.CLIENT_APP_CRASHED: "clientapp_crashed",
+}
 
 
 class Phase:
@@ -329,8 +339,13 @@ class SicStrategy(Strategy):
                 node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
-                reason = reply.error.reason or ""
-                code = reason if is_error_reason(reason) else "unknown_error"
+                parsed = parse_error(reply.error.reason or "")
+                if parsed is None:
+                    code, named = FLOWER_ERRORS.get(reply.error.code, "unknown_error"), None
+                else:
+                    code, named = parsed
+                if named is not None:
+                    self.sites.learn(node, named)
                 site = self.sites.name_of(node)
                 log.warning("%s round %d: site %s failed: %s", phase, server_round, site, code)
                 outcomes.append(SiteOutcome(site=site, status="failed", reason=code))

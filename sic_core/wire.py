@@ -38,7 +38,9 @@ __all__ = [
     "SiteKey",
     "SupportMetric",
     "TrainMetric",
+    "format_error",
     "is_error_reason",
+    "parse_error",
 ]
 
 
@@ -189,3 +191,35 @@ SITE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 def is_error_reason(value: str) -> bool:
     """True if ``value`` is a well-formed reason code (see :data:`ERROR_REASON_PATTERN`)."""
     return ERROR_REASON_PATTERN.fullmatch(value) is not None
+
+
+def format_error(reason: str, site: str | None) -> str:
+    """The text of a site's error reply: ``"<reason>@<site>"`` (or ``"<reason>"``).
+
+    A failing site names itself (its pseudonym may leave the site) so that the server can
+    attribute the failure even before the site has sent any valid reply.
+
+    Raises
+    ------
+    ValueError
+        If ``reason`` is not a reason code or ``site`` not a site pseudonym.
+    """
+    if not is_error_reason(reason):
+        raise ValueError(f"not a reason code: {reason!r}")
+    if site is None:
+        return reason
+    if SITE_NAME_PATTERN.fullmatch(site) is None:
+        raise ValueError(f"not a site pseudonym: {site!r}")
+    return f"{reason}@{site}"
+
+
+def parse_error(text: str) -> tuple[str, str | None] | None:
+    """Split an error reply's text into ``(reason, site)``; ``None`` if it is not ours."""
+    reason, _, site = text.partition("@")
+    if not is_error_reason(reason):
+        return None
+    if not site:
+        return reason, None
+    if SITE_NAME_PATTERN.fullmatch(site) is None:
+        return None
+    return reason, site

@@ -1,0 +1,37 @@
+"""The coordinator CLI: ``python -m server start | run | status | stop | demo``.
+
+Examples
+--------
+Run the whole synthetic federation on this machine::
+
+    python -m server demo --sites 3 --rounds 3
+
+Operate a deployment::
+
+    python -m server start --home /srv/sicfed
+    python -m server run --home /srv/sicfed --set rounds=10 --set strategy=fedprox
+    python -m server status --home /srv/sicfed
+    python -m server stop --home /srv/sicfed
+"""
+
+from __future__ import annotations
+
+import typer
+
+from server.commands.demo import demo
+from server.commands.run import run
+from server.commands.start import start
+from server.commands.status import status
+from server.commands.stop import stop
+
+app = typer.Typer(
+    name="server",
+    help="sicfed coordinator: SuperLink, MLflow tracking and federation runs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command("start")(start)
+app.command("run")(run)
+app.command("status")(status)
+app.command("stop")(stop)
+app.command("demo")(demo)

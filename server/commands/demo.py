@@ -1,0 +1,231 @@
+"""``python -m server demo``: a whole synthetic federation on this machine.
+
+Generates SynthCXR (if absent), starts the MLflow server (first, its database migration is
+slow), a real SuperLink and one SuperNode per site on loopback, runs the federation, prints a
+per-round table and where the reports and the MLflow store are, and stops every process it
+started, also on Ctrl-C, SIGTERM and failure. Layout under ``--out``::
+
+    DIR/sites/<site>/        SynthCXR site data, site.yaml, state/ (cache, reports, FLWR_HOME)
+    DIR/mlflow/mlflow.db     MLflow store; artifacts in DIR/mlflow/artifacts
+    DIR/checkpoints/<run>/   one atomic checkpoint per round
+    DIR/runs/<run>/          rounds.jsonl and status.json
+    DIR/logs/                one log per process
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from server.coordinator import (
+    Coordinator,
+    follow_run,
+    free_port,
+    round_table,
+    start_mlflow,
+    start_site,
+    start_superlink,
+    submit,
+)
+from server.flower_cli import connected_nodes
+from server.processes import ProcessGroup, ProcessStartError, wait_http_ok
+from server.staging import project_root
+from sic_core.errors import SicfedError
+
+__all__ = ["SITE_NAMES", "demo", "ensure_synthcxr", "wait_for_sites"]
+
+console = Console()
+
+#: SynthCXR's training sites, in order (site_d is held out and never joins).
+SITE_NAMES = ("site_a", "site_b", "site_c")
+
+
+def ensure_synthcxr(
+    folder: Path, *, preset: str, size: int, scale: float, seed: int, log_path: Path
+) -> bool:
+    """Generate SynthCXR into ``folder`` unless a matching manifest is there.
+
+    Returns True if it generated. Runs ``python -m client synth`` (the coordinator never
+    imports site code).
+    """
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        recorded = json.loads(manifest.read_text())
+        if (
+            recorded.get("size") == size
+            and recorded.get("scale") == scale
+            and recorded.get("seed") == seed
+            and recorded.get("preset", {}).get("name") == preset
+        ):
+            return False
+    argv = [
+        sys.executable,
+        "-m",
+        "client",
+        "synth",
+        "--out",
+        str(folder),
+        "--preset",
+        preset,
+        "--size",
+        str(size),
+        "--scale",
+        str(scale),
+        "--seed",
+        str(seed),
+    ]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as stream:
+        completed = subprocess.run(
+            argv, stdout=stream, stderr=subprocess.STDOUT, cwd=project_root(), check=False
+        )
+    if completed.returncode != 0:
+        raise ProcessStartError(
+            f"SynthCXR generation failed (exit {completed.returncode}); see {log_path}"
+        )
+    return True
+
+
+def wait_for_sites(
+    coordinator: Coordinator, count: int, *, timeout: float, group: ProcessGroup
+) -> float:
+    """Wait until ``count`` SuperNodes are online; return the seconds it took."""
+    started = time.monotonic()
+    while True:
+        group.check_alive()
+        try:
+            online = len(connected_nodes(coordinator.flwr_home))
+        except SicfedError:
+            online = 0
+        if online >= count:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise ProcessStartError(f"only {online} of {count} sites connected in {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def demo(
+    sites: Annotated[
+        int, typer.Option(min=1, max=3, help="Number of sites (SynthCXR A, B, C).")
+    ] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 3,
+    size: Annotated[int, typer.Option(help="Image side in pixels (64 or 128).")] = 64,
+    scale: Annotated[float, typer.Option(min=0.01, help="SynthCXR size multiplier.")] = 0.5,
+    preset: Annotated[str, typer.Option(help="SynthCXR preset: easy, default or hard.")] = "easy",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-out"),
+    dp: Annotated[bool, typer.Option("--dp", help="Train with DP-SGD at every site.")] = False,
+    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of data and federation.")] = 0,
+    poll_interval: Annotated[
+        float, typer.Option(min=0.05, help="SuperNode polling interval, seconds.")
+    ] = 0.5,
+    timeout: Annotated[float, typer.Option(help="Seconds before the demo gives up.")] = 1800.0,
+) -> None:
+    """Run a synthetic multi-site federation end to end on this machine.
+
+    Examples
+    --------
+    python -m server demo
+    python -m server demo --sites 2 --rounds 5 --size 128 --scale 1.0 --out /tmp/demo
+    """
+    if size not in (64, 128):
+        raise typer.BadParameter("choose 64 or 128", param_hint="--size")
+    out = out.resolve()
+    coordinator = Coordinator(out)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    names = SITE_NAMES[:sites]
+    try:
+        with ProcessGroup() as group:
+            mlflow_port = free_port(5000)
+            tracking_uri = start_mlflow(
+                group,
+                coordinator.mlflow_dir,
+                port=mlflow_port,
+                log_path=coordinator.logs / "mlflow.log",
+            )
+            mlflow = group.processes[-1]
+            with console.status("Generating SynthCXR (if absent) ..."):
+                generated = ensure_synthcxr(
+                    out / "sites",
+                    preset=preset,
+                    size=size,
+                    scale=scale,
+                    seed=seed,
+                    log_path=coordinator.logs / "synth.log",
+                )
+            console.print(f"SynthCXR in {out / 'sites'} ({'generated' if generated else 'reused'})")
+            address, _ = start_superlink(group, coordinator, port=free_port(8000))
+            for index, name in enumerate(names):
+                start_site(
+                    group,
+                    out / "sites" / name / "site.yaml",
+                    name=name,
+                    superlink=address,
+                    port=free_port(9094 + index),
+                    log_path=coordinator.logs / f"{name}.log",
+                    poll_interval=poll_interval,
+                    threads=1,
+                )
+            with console.status(f"Waiting for {sites} sites (they load and cache their data) ..."):
+                waited = wait_for_sites(coordinator, sites, timeout=600, group=group)
+            console.print(f"{sites} sites connected after {waited:.0f} s")
+            with console.status("Waiting for MLflow ..."):
+                wait_http_ok(f"{tracking_uri}/health", timeout=240, process=mlflow)
+            overrides: dict[str, Any] = {
+                "rounds": rounds,
+                "local-epochs": local_epochs,
+                "image-size": size,
+                "min-sites": sites,
+                "seed": seed,
+                "dp": dp,
+                "tracking-uri": tracking_uri,
+                "study": "demo",
+                "poll-interval": 0.1,
+            }
+            run_id = submit(coordinator, overrides, staging_parent=out / "staging")
+            console.print(f"Federation run {run_id} started; MLflow at {tracking_uri}")
+
+            def show(entry: dict[str, Any]) -> None:
+                console.print(round_table([entry], title=f"round {entry['round']}/{rounds}"))
+
+            outcome = follow_run(
+                coordinator,
+                run_id,
+                run_dir=out,
+                on_round=show,
+                timeout=timeout,
+                check=group.check_alive,
+            )
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every process the demo started has been stopped")
+        raise typer.Exit(130) from None
+    except SicfedError as error:
+        console.print(f"[red]demo failed:[/] {error}")
+        console.print(f"logs: {coordinator.logs}")
+        raise typer.Exit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    console.print(round_table(outcome.rounds, title=f"Federation run {run_id}: {outcome.status}"))
+    console.print(f"per-site reports:  {out / 'sites'}/<site>/state/reports/round_XXX.json")
+    console.print(f"checkpoints:       {out / 'checkpoints' / str(run_id)}")
+    console.print(
+        "MLflow UI:         "
+        f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
+        f"sqlite:///{out / 'mlflow' / 'mlflow.db'} --artifacts-destination "
+        f"{out / 'mlflow' / 'artifacts'} --port 5000   (then open http://127.0.0.1:5000)"
+    )
+    if outcome.status != "completed":
+        raise typer.Exit(1)

@@ -1,0 +1,64 @@
+"""``python -m server status``: processes, connected sites and runs of a coordinator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from server.commands.start import DEFAULT_HOME
+from server.coordinator import Coordinator
+from server.flower_cli import connected_nodes, list_runs
+from server.processes import pid_alive
+from sic_core.errors import SicfedError
+
+__all__ = ["status"]
+
+console = Console()
+
+
+def status(
+    home: Annotated[Path, typer.Option(help="Coordinator home folder.")] = DEFAULT_HOME,
+) -> None:
+    """Show the coordinator's processes, the connected sites and the runs.
+
+    Examples
+    --------
+    python -m server status --home runs/coordinator
+    """
+    coordinator = Coordinator(home)
+    processes = Table(title=f"Coordinator {coordinator.home}")
+    for column in ("process", "pid", "state", "log"):
+        processes.add_column(column)
+    recorded = coordinator.recorded_processes()
+    for name, info in recorded.items():
+        alive = pid_alive(int(info["pid"]))
+        processes.add_row(
+            name, str(info["pid"]), "running" if alive else "[red]stopped", info["log"]
+        )
+    console.print(processes)
+    if not recorded:
+        console.print("not started (python -m server start)")
+        raise typer.Exit(1)
+    try:
+        nodes = connected_nodes(coordinator.flwr_home)
+        runs = list_runs(coordinator.flwr_home)
+    except SicfedError as error:
+        console.print(f"[red]cannot reach the SuperLink:[/] {error}")
+        raise typer.Exit(1) from None
+    console.print(f"connected sites (SuperNodes online): {len(nodes)}")
+    table = Table(title="Runs")
+    for column in ("run id", "status", "elapsed s", "traffic MB", "client compute s"):
+        table.add_column(column)
+    for run in runs:
+        table.add_row(
+            str(run["run-id"]),
+            str(run["status"]),
+            f"{float(run['elapsed']):.0f}",
+            f"{run['network-traffic']['total-bytes'] / 1e6:.1f}",
+            f"{run['compute-time']['clientapp-seconds']:.0f}",
+        )
+    console.print(table)

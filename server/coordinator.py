@@ -1,0 +1,344 @@
+"""The coordinator's machinery shared by ``start``, ``run``, ``status``, ``stop`` and ``demo``.
+
+A coordinator home folder holds everything of one federation deployment::
+
+    HOME/coordinator.json     addresses of the SuperLink and the MLflow server
+    HOME/pids.json            processes started by `start` (read by `stop` and `status`)
+    HOME/flwr/                private FLWR_HOME (config.toml with the `sicfed` connection)
+    HOME/superlink/state.db   the SuperLink's state database
+    HOME/mlflow/mlflow.db     MLflow backend store (sqlite); artifacts in HOME/mlflow/artifacts
+    HOME/checkpoints/, runs/  what the ServerApp writes per run (run-dir = HOME)
+    HOME/logs/                one log file per process
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from server.checkpoint import RunFiles, read_rounds, read_status
+from server.flower_cli import run_info, submit_run
+from server.processes import (
+    ManagedProcess,
+    ProcessGroup,
+    ProcessStartError,
+    flower_env,
+    venv_bin,
+    wait_http_ok,
+    write_connection,
+)
+from server.staging import stage_app
+from sic_core.errors import SicfedError
+
+__all__ = [
+    "Coordinator",
+    "CoordinatorAddresses",
+    "RunOutcome",
+    "follow_run",
+    "free_port",
+    "round_table",
+    "start_mlflow",
+    "start_superlink",
+]
+
+#: How often the SuperExecs we start look for new tasks (Flower's default: 1 s).
+TASK_POLL_INTERVAL = 0.1
+
+
+def free_port(preferred: int, host: str = "127.0.0.1") -> int:
+    """``preferred`` if nothing listens there, else a free ephemeral port."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise ProcessStartError(f"no free TCP port on {host}")
+
+
+@dataclass(frozen=True)
+class CoordinatorAddresses:
+    """Where the coordinator's services listen."""
+
+    superlink: str
+    tracking_uri: str
+
+
+class Coordinator:
+    """Paths of a coordinator home (see the module docstring)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home.resolve()
+        self.flwr_home = self.home / "flwr"
+        self.superlink_db = self.home / "superlink" / "state.db"
+        self.mlflow_dir = self.home / "mlflow"
+        self.logs = self.home / "logs"
+        self.pid_file = self.home / "pids.json"
+        self.address_file = self.home / "coordinator.json"
+
+    def save_addresses(self, addresses: CoordinatorAddresses) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.address_file.write_text(json.dumps(asdict(addresses), indent=2))
+
+    def addresses(self) -> CoordinatorAddresses:
+        """The addresses written by ``start`` (``ProcessStartError`` if not started)."""
+        if not self.address_file.exists():
+            raise ProcessStartError(
+                f"{self.home} has no running coordinator; run `python -m server start "
+                f"--home {self.home}` first"
+            )
+        return CoordinatorAddresses(**json.loads(self.address_file.read_text()))
+
+    def recorded_processes(self) -> dict[str, dict[str, Any]]:
+        """``name -> {pid, log}`` from the pid file (empty if none)."""
+        if not self.pid_file.exists():
+            return {}
+        return dict(json.loads(self.pid_file.read_text()))
+
+
+def start_mlflow(group: ProcessGroup, mlflow_dir: Path, *, port: int, log_path: Path) -> str:
+    """Start ``mlflow server`` (sqlite store, served artifacts) on loopback; return its URI.
+
+    The server's background job runner is switched off (it would start a dozen worker
+    processes that a federation does not use). Poll ``/health`` before using it: its first
+    start migrates the database, which takes tens of seconds on a busy machine.
+    """
+    mlflow_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(venv_bin() / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(mlflow_dir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = flower_env(mlflow_dir, extra={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    group.start("mlflow", argv, log_path=log_path, env=env, cwd=mlflow_dir)
+    return f"http://127.0.0.1:{port}"
+
+
+def start_superlink(
+    group: ProcessGroup,
+    coordinator: Coordinator,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    tls: tuple[Path, Path, Path] | None = None,
+    timeout: float = 60.0,
+) -> tuple[str, ManagedProcess]:
+    """Start ``flower-superlink`` with its state database; wait for ``/health``.
+
+    Returns the Fleet API address (``host:port``) and the process. Without ``tls``
+    (CA certificate, certificate, key) it runs ``--insecure``.
+    """
+    coordinator.superlink_db.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(venv_bin() / "flower-superlink"),
+        "--database",
+        str(coordinator.superlink_db),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if tls is None:
+        argv.append("--insecure")
+    else:
+        ca, cert, key = tls
+        argv += [
+            "--ssl-ca-certfile",
+            str(ca),
+            "--ssl-certfile",
+            str(cert),
+            "--ssl-keyfile",
+            str(key),
+        ]
+    env = flower_env(coordinator.flwr_home, task_poll_interval=TASK_POLL_INTERVAL)
+    process = group.start(
+        "superlink",
+        argv,
+        log_path=coordinator.logs / "superlink.log",
+        env=env,
+        cwd=coordinator.home,
+    )
+    address = f"{host}:{port}"
+    write_connection(coordinator.flwr_home, address, root_certificates=tls[0] if tls else None)
+    scheme = "https" if tls else "http"
+    if tls is None:
+        wait_http_ok(f"{scheme}://{address}/health", timeout=timeout, process=process)
+    return address, process
+
+
+def start_site(
+    group: ProcessGroup,
+    site_yaml: Path,
+    *,
+    name: str,
+    superlink: str,
+    port: int,
+    log_path: Path,
+    poll_interval: float,
+    threads: int | None = None,
+) -> ManagedProcess:
+    """Start one site's SuperNode through ``python -m client join`` (insecure, loopback)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "client",
+        "join",
+        "--site",
+        str(site_yaml),
+        "--superlink",
+        superlink,
+        "--port",
+        str(port),
+        "--insecure",
+        "--poll-interval",
+        str(poll_interval),
+    ]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
+    env = flower_env(None, task_poll_interval=TASK_POLL_INTERVAL)
+    return group.start(f"site-{name}", argv, log_path=log_path, env=env, cwd=_project_root())
+
+
+def _project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a submitted run ended."""
+
+    run_id: int
+    status: str
+    rounds: list[dict[str, Any]]
+    seconds: float
+
+
+def submit(coordinator: Coordinator, overrides: dict[str, Any], *, staging_parent: Path) -> int:
+    """Stage the app and submit a run; ``run-dir`` defaults to the coordinator home."""
+    app_dir = stage_app(staging_parent)
+    overrides = {"run-dir": str(coordinator.home), **overrides}
+    return submit_run(app_dir, coordinator.flwr_home, overrides)
+
+
+def follow_run(
+    coordinator: Coordinator,
+    run_id: int,
+    *,
+    run_dir: Path,
+    on_round: Callable[[dict[str, Any]], None],
+    timeout: float,
+    check: Callable[[], None] | None = None,
+    poll_interval: float = 1.0,
+) -> RunOutcome:
+    """Wait for a run to finish, calling ``on_round`` for each round as it completes.
+
+    Parameters
+    ----------
+    coordinator
+        The coordinator (for ``flwr list``).
+    run_id
+        Flower run id.
+    run_dir
+        The run's ``run-dir`` (where ``rounds.jsonl`` and ``status.json`` appear).
+    on_round
+        Called with each new ``rounds.jsonl`` entry.
+    timeout
+        Seconds before giving up (the run is then stopped by the caller).
+    check
+        Called every poll; raise to abort (e.g. a site process died).
+    """
+    files = RunFiles(run_dir, run_id)
+    seen = 0
+    started = time.monotonic()
+    last_flower_check = 0.0
+    flower_status = ""
+    while True:
+        rounds = read_rounds(files.rounds_path)
+        for entry in rounds[seen:]:
+            on_round(entry)
+        seen = len(rounds)
+        status = read_status(files.status_path) or {}
+        now = time.monotonic()
+        if now - last_flower_check > 5.0:
+            last_flower_check = now
+            with contextlib.suppress(SicfedError):
+                flower_status = str(run_info(run_id, coordinator.flwr_home).get("status", ""))
+        if flower_status.startswith("finished"):
+            final = read_rounds(files.rounds_path)
+            for entry in final[seen:]:
+                on_round(entry)
+            outcome = status.get("status", "failed")
+            if not flower_status.endswith("completed"):
+                outcome = "failed"
+            return RunOutcome(run_id, outcome, final, now - started)
+        if check is not None:
+            check()
+        if now - started > timeout:
+            raise ProcessStartError(f"run {run_id} did not finish within {timeout:.0f} s")
+        time.sleep(poll_interval)
+
+
+def round_table(rounds: list[dict[str, Any]], title: str = "Federation rounds") -> Table:
+    """A rich table: one row per round, mean site AUROC and every site's AUROC."""
+    sites = sorted(
+        {row["site"] for entry in rounds for row in entry.get("sites", {}).get("evaluate", [])}
+    )
+    table = Table(title=title)
+    table.add_column("round", justify="right")
+    table.add_column("mean site AUROC", justify="right")
+    for site in sites:
+        table.add_column(f"{site} AUROC", justify="right")
+    table.add_column("train loss", justify="right")
+    table.add_column("problems")
+    table.add_column("seconds", justify="right")
+    for entry in rounds:
+        summary = entry.get("summary", {})
+        per_site = {row["site"]: row for row in entry.get("sites", {}).get("evaluate", [])}
+        cells = [str(entry["round"]), _fmt(summary.get("perf/mean_site_auroc"))]
+        for site in sites:
+            row = per_site.get(site)
+            if row is None:
+                cells.append("-")
+            elif row["status"] != "ok":
+                cells.append(row["reason"])
+            elif row["metrics"].get("val.auroc-defined", 1) < 1:
+                cells.append("n/a")
+            else:
+                cells.append(_fmt(row["metrics"].get("val.auroc")))
+        problems = [
+            f"{row['site']}:{phase}:{row['reason']}"
+            for phase, rows in entry.get("sites", {}).items()
+            for row in rows
+            if row["status"] != "ok"
+        ]
+        cells += [
+            _fmt(summary.get("train/loss"), digits=4),
+            ", ".join(problems) or "none",
+            f"{entry.get('seconds', 0):.1f}",
+        ]
+        table.add_row(*cells)
+    return table
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
