@@ -210,19 +210,22 @@ def merge_cluster_statistics(
 ) -> SupportSet:
     """Merge sites' cluster statistics into ``n_shot`` global support vectors per class.
 
-    Per class, every non-empty site cluster contributes its centroid ``sum / count`` with
-    weight ``count``; weighted k-means over those centroids gives the global vectors. A class
-    no site has gets zero vectors (index ``-1`` throughout: global vectors are no one image).
+    Per class, every site cluster with a count of at least 1 contributes its centroid
+    ``sum / count`` with weight ``count``; weighted k-means over those centroids gives the
+    global vectors. A class no site has gets zero vectors (index ``-1`` throughout: global
+    vectors are no one image).
     """
     if not statistics:
         raise ValueError("merge_cluster_statistics: no site statistics to merge")
     num_classes, _, dim = statistics[0].sums.shape
     vectors = torch.zeros(num_classes * n_shot, dim)
     for c in range(num_classes):
+        # A real cluster holds at least one image; DP-noised counts below 1 are noise.
+        kept = [s.counts[c] >= 1 for s in statistics]
         centres = [
-            s.sums[c][s.counts[c] > 0] / s.counts[c][s.counts[c] > 0, None] for s in statistics
+            s.sums[c][k] / s.counts[c][k, None] for s, k in zip(statistics, kept, strict=True)
         ]
-        weights = [s.counts[c][s.counts[c] > 0] for s in statistics]
+        weights = [s.counts[c][k] for s, k in zip(statistics, kept, strict=True)]
         points = torch.cat(centres)
         if points.shape[0]:
             vectors[c * n_shot : (c + 1) * n_shot] = kmeans_centroids(
