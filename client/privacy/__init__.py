@@ -1,0 +1,1 @@
+"""Sample-level differential privacy at a site: DP-SGD, the DP support release, the ledger."""

@@ -1,0 +1,90 @@
+"""DP-SGD wiring and the DP support release."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from client.privacy.dp_sgd import dp_model_issues, plan_dp_sgd, train_dp_sgd, validate_for_dp
+from client.privacy.support_release import plan_support_release, private_cluster_statistics
+from sic_core import SupportSet, anchor_support, create_model, list_encoders
+from sic_core.errors import ConfigError
+from sic_core.training import TrainConfig
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_registered_encoders_pass_the_dp_checks(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, 1, 2, n_shot=1, proj_dim=8, width=4)
+    assert dp_model_issues(model, anchor_support(2, 1, 8)) == []
+
+
+def test_a_batch_norm_subclass_is_caught() -> None:
+    class SneakyNorm(nn.BatchNorm2d):
+        pass
+
+    model = create_model("bcos_cnn_small", 1, 2, n_shot=1, proj_dim=8, width=4)
+    model.embedder.encoder.layers[0][1] = SneakyNorm(4)
+    issues = dp_model_issues(model, anchor_support(2, 1, 8))
+    assert any("SneakyNorm" in issue for issue in issues)
+    assert any("buffers" in issue for issue in issues)
+    with pytest.raises(ConfigError, match="SneakyNorm"):
+        validate_for_dp(model, anchor_support(2, 1, 8))
+
+
+def test_dp_sgd_trains_and_matches_its_plan() -> None:
+    torch.manual_seed(0)
+    model = create_model("bcos_cnn_small", 1, 2, n_shot=1, proj_dim=8, width=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    images, labels = torch.rand(40, 1, 16, 16), torch.arange(40) % 2
+    config = TrainConfig(epochs=2, batch_size=10)
+    history = train_dp_sgd(
+        model,
+        images,
+        labels,
+        anchor_support(2, 1, 8),
+        config,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    assert len(history.epochs) == 2 and history.num_examples == 40
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    plan = plan_dp_sgd(40, config, noise_multiplier=1.0, run_id="1", round_=3)
+    assert plan.sample_rate == pytest.approx(0.25) and plan.steps == 8 and plan.round == 3
+    # The Opacus hooks are gone: the model still runs outside DP-SGD.
+    assert model(images[:2]).shape == (2, 2)
+
+
+def test_support_release_has_bounded_sensitivity_and_one_cluster_per_image() -> None:
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.rand(30, 8, generator=generator) * 3
+    labels = torch.arange(30) % 2
+    support = SupportSet(
+        torch.rand(4, 8, generator=generator), torch.tensor([0, 0, 1, 1]), torch.full((4,), -1)
+    )
+
+    def release(e: torch.Tensor, y: torch.Tensor):
+        return private_cluster_statistics(
+            e, y, support, clip_norm=0.5, noise_multiplier=0.0, generator=torch.Generator()
+        )
+
+    full = release(embeddings, labels)
+    assert full.counts.sum(dim=1).tolist() == [15, 15]
+    assert (full.sums.norm(dim=2) <= 0.5 * full.counts + 1e-5).all()
+    without_one = release(embeddings[1:], labels[1:])
+    change = torch.cat(
+        [
+            (full.sums - without_one.sums).flatten() / 0.5,
+            (full.counts - without_one.counts).flatten(),
+        ]
+    )
+    assert change.norm() <= math.sqrt(2) + 1e-5
+    noised = private_cluster_statistics(
+        embeddings, labels, support, clip_norm=0.5, noise_multiplier=1.0, generator=generator
+    )
+    assert not torch.equal(noised.sums, full.sums)
+    planned = plan_support_release(noise_multiplier=1.0, run_id="1", round_=1)
+    assert planned.noise_multiplier == pytest.approx(1 / math.sqrt(2))
