@@ -1,0 +1,300 @@
+"""The per-site explanation report: one JSON document, rendered to self-contained HTML.
+
+The site builds the JSON (it has the pixels) and renders its own full copy; the server
+receives the redacted JSON (no image sections) unless the site allows sharing example
+images, and ``python -m server report`` re-renders from the stored JSON. Rendering needs the
+standard library only: charts are inline SVG, images are ``data:image/png`` URIs already in
+the JSON, and no JavaScript is used, so the file opens anywhere, offline.
+
+Sections follow METRICS.md: 1 provenance, 2 intended use, 3 data sheet, 4 performance,
+5 explanation-quality dashboard, 6 how to read an explanation, 7 case gallery, 8 support set,
+9 sanity and shortcut checks, 10 what left the site, 11 findings and sign-off.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["PIXEL_SECTIONS", "REPORT_SECTIONS", "redact", "render_report_html"]
+
+REPORT_SECTIONS = (
+    ("provenance", "1. Provenance"),
+    ("intended-use", "2. Intended use and limitations"),
+    ("data-sheet", "3. Site data sheet"),
+    ("performance", "4. Performance"),
+    ("explanation-quality", "5. Explanation-quality dashboard"),
+    ("how-to-read", "6. How to read an SIC explanation"),
+    ("case-gallery", "7. Case gallery"),
+    ("support-set", "8. Support set"),
+    ("sanity", "9. Sanity and shortcut checks"),
+    ("released", "10. What left the site this round"),
+    ("findings", "11. Open findings and sign-off"),
+)
+
+#: JSON keys whose content carries pixels of the site's images.
+PIXEL_SECTIONS = ("gallery", "support_set")
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
+max-width:1100px;color:#1d2330;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #dde3ee;padding-bottom:.2em;
+margin-top:1.8em}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #dde3ee;
+padding:.25em .6em;text-align:left;font-variant-numeric:tabular-nums}th{background:#f3f6fb}
+.flag{color:#b00020;font-weight:600}.ok{color:#1b7f3b}.muted{color:#66708a}
+.case{display:flex;gap:1em;align-items:flex-start;border:1px solid #dde3ee;padding:.6em;
+margin:.6em 0;flex-wrap:wrap}.case img{width:160px;height:160px;image-rendering:pixelated;
+border:1px solid #ccd}.thumbs img{width:96px;height:96px}figure{margin:0;text-align:center;
+font-size:.85em}.note{background:#f7f9fc;border-left:4px solid #6b8cce;padding:.5em 1em}
+"""
+
+
+def _escape(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: object, digits: int = 4) -> str:
+    if isinstance(value, bool) or value is None:
+        return _escape("-" if value is None else value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}g}"
+    return _escape(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    head = "".join(f"<th>{_escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_number(cell)}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _key_values(mapping: Mapping[str, object]) -> str:
+    return _table(["field", "value"], [(k, v) for k, v in mapping.items()])
+
+
+def _bar_chart(bars: Sequence[tuple[str, float]], *, width: int = 420) -> str:
+    """Horizontal signed bars (evidence per support, bias, logit) as inline SVG."""
+    if not bars:
+        return ""
+    scale = max(abs(v) for _, v in bars) or 1.0
+    row, label_w = 18, 120
+    half = (width - label_w) / 2
+    parts = [
+        f'<svg width="{width}" height="{row * len(bars) + 4}" role="img" '
+        f'aria-label="evidence bars"><line x1="{label_w + half}" y1="0" x2="{label_w + half}" '
+        f'y2="{row * len(bars)}" stroke="#999"/>'
+    ]
+    for i, (label, value) in enumerate(bars):
+        length = abs(value) / scale * (half - 4)
+        x = label_w + half if value >= 0 else label_w + half - length
+        colour = "#c0392b" if value >= 0 else "#2e6fd8"
+        y = i * row + 2
+        parts.append(
+            f'<text x="0" y="{y + 12}" font-size="11">{_escape(label)}</text>'
+            f'<rect x="{x:.1f}" y="{y}" width="{length:.1f}" height="{row - 5}" fill="{colour}"/>'
+            f'<text x="{label_w + half + (6 if value < 0 else -6)}" y="{y + 12}" font-size="10" '
+            f'text-anchor="{"start" if value < 0 else "end"}">{value:.3f}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _line_chart(
+    series: Sequence[float | None],
+    band: Sequence[Sequence[float]] | None = None,
+    *,
+    width: int = 180,
+    height: int = 44,
+) -> str:
+    """A sparkline of one metric over rounds, with the other sites' band (min-max) behind it."""
+    points = [(i, v) for i, v in enumerate(series) if v is not None and math.isfinite(v)]
+    band_points = [b for b in (band or []) if len(b) == 2 and all(math.isfinite(x) for x in b)]
+    values = [v for _, v in points] + [x for b in band_points for x in b]
+    if not values:
+        return '<span class="muted">no data</span>'
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    steps = max(len(series) - 1, 1)
+
+    def xy(i: int, v: float) -> str:
+        return (
+            f"{4 + i * (width - 8) / steps:.1f},{height - 4 - (v - low) / span * (height - 8):.1f}"
+        )
+
+    parts = [f'<svg width="{width}" height="{height}" role="img" aria-label="trend">']
+    if band and len(band_points) == len(band):
+        upper = [xy(i, b[1]) for i, b in enumerate(band)]
+        lower = [xy(i, b[0]) for i, b in reversed(list(enumerate(band)))]
+        parts.append(f'<polygon points="{" ".join(upper + lower)}" fill="#dde7f7"/>')
+    if points:
+        parts.append(
+            f'<polyline points="{" ".join(xy(i, v) for i, v in points)}" fill="none" '
+            'stroke="#1d2330" stroke-width="1.5"/>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _reliability_diagram(bins: Sequence[Mapping[str, float]], *, size: int = 180) -> str:
+    if not bins:
+        return '<p class="muted">no reliability data</p>'
+    parts = [
+        f'<svg width="{size}" height="{size}" role="img" aria-label="reliability diagram">'
+        f'<line x1="0" y1="{size}" x2="{size}" y2="0" stroke="#bbb" stroke-dasharray="4"/>'
+    ]
+    width = size / len(bins)
+    for i, entry in enumerate(bins):
+        accuracy = entry.get("accuracy")
+        if accuracy is None or not math.isfinite(accuracy):
+            continue
+        height = accuracy * size
+        parts.append(
+            f'<rect x="{i * width + 1:.1f}" y="{size - height:.1f}" width="{width - 2:.1f}" '
+            f'height="{height:.1f}" fill="#6b8cce" opacity="0.8"/>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _image(data_uri: str | None, alt: str) -> str:
+    if not data_uri or not data_uri.startswith("data:image/png;base64,"):
+        return ""
+    return f'<img src="{_escape(data_uri)}" alt="{_escape(alt)}">'
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{_escape(title)}</h2>{body}</section>'
+
+
+def _dashboard(rows: Sequence[Mapping[str, Any]]) -> str:
+    header = ["metric", "value", "threshold", "change", "rank among sites", "trend vs sites' band"]
+    cells = []
+    for row in rows:
+        flagged = bool(row.get("flagged"))
+        value = f'<span class="{"flag" if flagged else "ok"}">{_number(row.get("value"))}</span>'
+        cells.append(
+            "<tr>"
+            f"<td>{_escape(row.get('key', ''))}</td><td>{value}</td>"
+            f"<td>{_number(row.get('threshold'))}</td><td>{_number(row.get('change'))}</td>"
+            f"<td>{_number(row.get('rank'))}</td>"
+            f"<td>{_line_chart(row.get('trend', []), row.get('band'))}</td></tr>"
+        )
+    head = "".join(f"<th>{h}</th>" for h in header)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(cells)}</tbody></table>"
+
+
+def _gallery(cases: Sequence[Mapping[str, Any]]) -> str:
+    blocks = []
+    for case in cases:
+        bars = [(b["label"], float(b["value"])) for b in case.get("evidence", [])]
+        supports = "".join(
+            f"<figure>{_image(s.get('png'), 'support sample')}"
+            f"{_image(s.get('map_png'), 'support map')}"
+            f"<figcaption>{_escape(s.get('label', ''))}: e={_number(s.get('evidence'))}"
+            "</figcaption></figure>"
+            for s in case.get("supports", [])
+        )
+        blocks.append(
+            '<div class="case">'
+            f"<figure>{_image(case.get('input_png'), 'input')}"
+            "<figcaption>input</figcaption></figure>"
+            f"<figure>{_image(case.get('overlay_png'), 'contribution overlay')}"
+            "<figcaption>signed contributions</figcaption></figure>"
+            f"<div><b>{_escape(case.get('title', ''))}</b><br>{_bar_chart(bars)}</div>"
+            f'<div class="thumbs">{supports}</div></div>'
+        )
+    return "".join(blocks) or '<p class="muted">no cases</p>'
+
+
+def _support_gallery(supports: Sequence[Mapping[str, Any]]) -> str:
+    figures = "".join(
+        f"<figure>{_image(s.get('png'), 'support')}{_image(s.get('map_png'), 'support map')}"
+        f"<figcaption>{_escape(s.get('label', ''))}</figcaption></figure>"
+        for s in supports
+    )
+    return f'<div class="case thumbs">{figures}</div>' if figures else ""
+
+
+_HOW_TO_READ = (
+    "<p>The model scores each class as a <b>sum of similarities</b> between this image and a "
+    "few example cases of that class from this hospital (the support samples), plus a fixed "
+    "bias. The bars show each example case's share of the score. The map shows <b>where in "
+    "the image</b> each similarity comes from: red pixels add to the score, blue pixels take "
+    "from it. The numbers add up exactly: the pixels of a class map sum to that class's score "
+    "minus the bias.</p>"
+)
+
+
+def render_report_html(report: Mapping[str, Any]) -> str:
+    """Render a site report (see the module docstring) to one self-contained HTML page.
+
+    Parameters
+    ----------
+    report
+        The report JSON as a mapping. Image sections are shown only if present (a redacted
+        report has none and says so).
+    """
+    provenance = report.get("provenance", {})
+    site = provenance.get("site", "site")
+    round_ = provenance.get("round", "?")
+    redacted = bool(report.get("redacted"))
+    performance = report.get("performance", {})
+    completeness = report.get("completeness_example", {})
+    how_to_read = _HOW_TO_READ + (
+        f'<p class="note">Completeness check on the audit set: largest relative error '
+        f"{_number(completeness.get('max_rel_err'))} (a hard gate below 1e-4).</p>"
+        if completeness
+        else ""
+    )
+    pixel_note = (
+        '<p class="muted">Redacted copy: images stay at the site (its configuration does not '
+        "allow sharing example images).</p>"
+    )
+    data_sheet = report.get("data_sheet", {})
+    bodies = {
+        "provenance": _key_values(provenance),
+        "intended-use": f"<p>{_escape(report.get('intended_use', ''))}</p>"
+        + "".join(f"<li>{_escape(item)}</li>" for item in report.get("limitations", [])),
+        "data-sheet": _table(
+            ["split", *data_sheet.get("class_names", [])],
+            [[split, *counts] for split, counts in data_sheet.get("class_counts", {}).items()],
+        )
+        + _table(["quarantine reason", "files"], sorted(data_sheet.get("quarantine", {}).items())),
+        "performance": _table(
+            ["metric", "this round", "95% CI", "last round"],
+            [
+                (m["key"], m.get("value"), m.get("ci", "-"), m.get("previous"))
+                for m in performance.get("metrics", [])
+            ],
+        )
+        + "<p>Reliability diagram (accuracy per confidence bin):</p>"
+        + _reliability_diagram(performance.get("reliability", [])),
+        "explanation-quality": _dashboard(report.get("xai", [])),
+        "how-to-read": how_to_read,
+        "case-gallery": pixel_note if redacted else _gallery(report.get("gallery", [])),
+        "support-set": (pixel_note if redacted else _support_gallery(report.get("support_set", [])))
+        + _key_values(report.get("support_stability", {})),
+        "sanity": _key_values(report.get("sanity", {})),
+        "released": _table(["what", "value"], report.get("released", [])),
+        "findings": "".join(f"<p>{_escape(f)}</p>" for f in report.get("findings", []))
+        + f"<p>Sign-off: {_escape(report.get('sign_off', '________________'))}</p>",
+    }
+    sections = "".join(_section(a, t, bodies[a]) for a, t in REPORT_SECTIONS)
+    title = f"SIC explanation report: {site}, round {round_}"
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_escape(title)}</h1>{sections}</body></html>"
+    )
+
+
+def redact(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``report`` without any section that carries pixels."""
+    kept = {k: v for k, v in report.items() if k not in PIXEL_SECTIONS}
+    kept["redacted"] = True
+    return kept
