@@ -1,0 +1,61 @@
+"""The report renderer: every section, escaping, redaction."""
+
+from __future__ import annotations
+
+from sic_core.report import PIXEL_SECTIONS, REPORT_SECTIONS, redact, render_report_html
+
+PNG = "data:image/png;base64,iVBORw0KGgo="
+
+
+def _report() -> dict:
+    return {
+        "provenance": {"site": "site_a", "round": 3, "federation_run": "fed-1"},
+        "intended_use": "Research use on synthetic data.",
+        "limitations": ["Not a medical device."],
+        "data_sheet": {"class_names": ["normal", "nodule"], "class_counts": {"train": [40, "<10"]}},
+        "performance": {"metrics": [{"key": "perf/auroc", "value": 0.93, "ci": "0.90-0.96"}]},
+        "xai": [
+            {"key": "xai/rma_lift", "value": 4.2, "trend": [1.0, 3.0, 4.2], "band": [[1, 2]] * 3},
+            {"key": "xai/artifact_mass_lift", "value": 7.0, "flagged": True},
+        ],
+        "gallery": [
+            {
+                "title": "case <script>alert(1)</script>",
+                "input_png": PNG,
+                "overlay_png": PNG,
+                "evidence": [
+                    {"label": "support 1", "value": 0.4},
+                    {"label": "bias", "value": -0.7},
+                ],
+                "supports": [{"png": PNG, "map_png": PNG, "label": "nodule #1", "evidence": 0.4}],
+            }
+        ],
+        "support_set": [{"png": PNG, "map_png": PNG, "label": "nodule #1"}],
+        "released": [["weights", "1.2 MB"], ["xai/rma_lift", 4.2]],
+    }
+
+
+def test_every_section_is_rendered_with_its_content() -> None:
+    page = render_report_html(_report())
+    for anchor, title in REPORT_SECTIONS:
+        assert f'id="{anchor}"' in page and title in page
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert page.count(PNG) == 6
+    assert 'class="flag"' in page
+    assert "<svg" in page
+
+
+def test_redaction_drops_every_pixel_section() -> None:
+    redacted = redact(_report())
+    assert redacted["redacted"] is True
+    assert not set(PIXEL_SECTIONS) & set(redacted)
+    page = render_report_html(redacted)
+    assert "data:image/png" not in page
+    assert "Redacted copy" in page
+    assert "xai/rma_lift" in page
+
+
+def test_non_png_image_sources_are_refused() -> None:
+    report = _report()
+    report["gallery"][0]["input_png"] = "https://example.org/leak.png"
+    assert "example.org" not in render_report_html(report)
