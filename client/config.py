@@ -16,7 +16,7 @@ import difflib
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import yaml
 from pydantic import (
@@ -315,9 +315,22 @@ def _model_at(model: type[BaseModel], location: tuple[Any, ...]) -> type[BaseMod
     """The nested model class that a validation location points into, if any."""
     current: type[BaseModel] = model
     for part in location:
+        if isinstance(part, int):
+            continue  # an index into a list of models
         field = current.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        nested = _nested_model(field.annotation) if field is not None else None
+        if nested is None:
             return None
-        current = annotation
+        current = nested
     return current
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class inside an annotation such as ``Model``, ``list[Model]``, ``Model | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        found = _nested_model(argument)
+        if found is not None:
+            return found
+    return None

@@ -13,6 +13,11 @@ covers every setting that changes preprocessing. A changed file therefore misses
 a changed setting misses everything. Failures are cached too (by content), so a corrupt file
 is not decoded again every round. Packs are replaced atomically (new arrays, then the
 ``pack.json`` pointer), and only the most recently used preprocessing folders are kept.
+
+Arrays are memory-mapped copy-on-write: loading costs no reads, pages come from the page
+cache when first touched (shared between the processes of successive rounds), and writes
+to the tensors stay private. A replaced pack's files are unlinked, which leaves existing
+mappings valid.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FileDigests", "Pack", "PackStore", "digest_bytes", "preprocessing_key"]
+__all__ = ["FileDigests", "Pack", "PackStore", "digest_bytes", "digest_parts", "preprocessing_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +44,20 @@ CACHE_VERSION = 1
 _KEEP_CONFIGURATIONS = 3
 
 
-def digest_bytes(*parts: bytes | str) -> str:
-    """Hex digest of length-prefixed parts (so that part boundaries matter)."""
-    hasher = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        hasher.update(len(data).to_bytes(8, "little"))
-        hasher.update(data)
-    return hasher.hexdigest()
+def digest_bytes(data: bytes) -> str:
+    """Hex digest of a file's content."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def digest_parts(*parts: str) -> str:
+    """Hex digest of text parts; NUL never occurs in them, so boundaries are kept."""
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).hexdigest()
 
 
 def preprocessing_key(settings: Mapping[str, Any]) -> str:
     """Folder name for one preprocessing configuration (JSON-serialisable settings)."""
     text = json.dumps({"cache_version": CACHE_VERSION, **settings}, sort_keys=True, default=str)
-    return digest_bytes(text)[:20]
+    return digest_parts(text)[:20]
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
@@ -70,7 +75,8 @@ class FileDigests:
     Parameters
     ----------
     index_path
-        JSON file that remembers ``path -> (size, mtime_ns, digest)``.
+        JSON file that remembers ``path -> (size, mtime_ns, digest)`` (paths as given:
+        site configs resolve data paths to absolute ones).
     """
 
     def __init__(self, index_path: Path) -> None:
@@ -84,7 +90,7 @@ class FileDigests:
         except (OSError, ValueError):
             pass
 
-    def digest(self, path: Path) -> str:
+    def digest(self, path: str | os.PathLike[str]) -> str:
         """Digest of the file's content.
 
         Raises
@@ -92,12 +98,13 @@ class FileDigests:
         OSError
             When the file cannot be read (``FileNotFoundError`` when it does not exist).
         """
-        stat = path.stat()
-        name = str(path.resolve())
+        name = os.fspath(path)
+        stat = os.stat(name)
         known = self._entries.get(name)
         if known is not None and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
             return str(known[2])
-        value = digest_bytes(path.read_bytes())
+        with open(name, "rb") as stream:
+            value = digest_bytes(stream.read())
         self._entries[name] = [stat.st_size, stat.st_mtime_ns, value]
         self._changed = True
         return value
@@ -164,9 +171,9 @@ class PackStore:
         pointer = self.directory / "pack.json"
         try:
             manifest = json.loads(pointer.read_text(encoding="utf-8"))
-            images = np.load(self.directory / manifest["images"], allow_pickle=False)
+            images = np.load(self.directory / manifest["images"], mmap_mode="c")
             masks = {
-                name: np.load(self.directory / file_name, allow_pickle=False)
+                name: np.load(self.directory / file_name, mmap_mode="c")
                 for name, file_name in manifest["masks"].items()
             }
             has_mask = {

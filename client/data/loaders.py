@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from client.config import DataFormat, SiteConfig
-from client.data.cache import FileDigests, digest_bytes
+from client.data.cache import FileDigests, digest_parts
 from client.data.dicom import DicomOptions, read_dicom_pixels
 from client.data.quarantine import QuarantineEntry
 from client.data.reasons import Reason
@@ -67,13 +68,12 @@ class Record:
     split
         The split the data declares, or ``None`` to assign one by patient.
     path
-        Image file (DICOM or raster); ``None`` for MedMNIST.
+        The file holding the image (DICOM, raster, or the MedMNIST archive); a string,
+        because sites list thousands of files and pathlib costs more than decoding a hit.
     masks
         Declared masks: name -> file, or ``None`` for a declared empty mask.
     metadata
         Extra labels.csv columns.
-    path
-        The file holding the image (DICOM, raster, or the MedMNIST archive).
     index
         Row in the MedMNIST arrays of ``split``.
     """
@@ -82,8 +82,8 @@ class Record:
     label: int
     patient_id: str
     split: Split | None
-    path: Path
-    masks: Mapping[str, Path | None] = field(default_factory=dict)
+    path: str
+    masks: Mapping[str, str | None] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=dict)
     index: int | None = None
 
@@ -177,7 +177,7 @@ def _parse_label(text: str, class_names: list[str]) -> int:
     return label
 
 
-def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     """Read a mask image as uint8 ``(1, H, W)`` in {0, 1} (any nonzero pixel is inside).
 
     Raises
@@ -225,7 +225,7 @@ def _file_digest(record: Record, digests: FileDigests) -> str:
             parts += [name, digests.digest(path)]
         except OSError:
             raise DataError(f"cannot read the {name} mask", reason=Reason.MASK_ERROR) from None
-    return digest_bytes(*parts)
+    return digest_parts(*parts)
 
 
 class DicomSource:
@@ -234,7 +234,7 @@ class DicomSource:
     def __init__(self, config: SiteConfig) -> None:
         data = config.data
         self.labels_csv = _required(data.labels_csv, "labels_csv")
-        self.base = data.root if data.root is not None else data.labels_csv.parent
+        self.base = os.fspath(data.root if data.root is not None else self.labels_csv.parent)
         self.class_names = list(data.class_names)
         self.options = DicomOptions(
             keep_colour=data.keep_colour,
@@ -306,19 +306,21 @@ class DicomSource:
             except ValueError as error:
                 raise DataError(f"line {line}: {error}", reason=Reason.BAD_ROW) from None
         masks = {
-            name: (self.base / value.strip()) if (value := row.get(column) or "").strip() else None
+            name: os.path.join(self.base, value.strip())
+            if (value := row.get(column) or "").strip()
+            else None
             for column, name in mask_columns.items()
         }
         metadata = {
             column: (value or "") for column, value in row.items() if column not in known and column
         }
-        return Record(key, label, patient, split, self.base / key, masks, metadata)
+        return Record(key, label, patient, split, os.path.join(self.base, key), masks, metadata)
 
     def digest(self, record: Record, digests: FileDigests) -> str:
         return _file_digest(record, digests)
 
     def load(self, record: Record) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        image = read_dicom_pixels(record.path, self.options)
+        image = read_dicom_pixels(Path(record.path), self.options)
         return image, _load_masks(record, image.shape[1:])
 
 
@@ -360,8 +362,8 @@ class FolderSource:
                     rejected.append(QuarantineEntry(key, error.reason, str(error)))
                     continue
                 mask = self.root / "masks" / class_name / f"{path.stem}.png"
-                masks = {"lesion": mask} if mask.is_file() else {}
-                records.append(Record(key, label, patient, None, path, masks))
+                masks = {"lesion": str(mask)} if mask.is_file() else {}
+                records.append(Record(key, label, patient, None, str(path), masks))
         return records, rejected
 
     def _patient_id(self, file_name: str, key: str) -> str:
@@ -382,7 +384,7 @@ class FolderSource:
         return image, _load_masks(record, image.shape[1:])
 
 
-def read_raster(path: Path, *, keep_colour: bool, max_pixels: float) -> np.ndarray:
+def read_raster(path: str | Path, *, keep_colour: bool, max_pixels: float) -> np.ndarray:
     """Read a PNG/JPEG/TIFF as float32 ``(C, H, W)`` (C = 3 if ``keep_colour`` else 1).
 
     Raises
@@ -483,7 +485,7 @@ class MedmnistSource:
                     rejected.append(QuarantineEntry(key, error.reason, str(error)))
                     continue
                 records.append(
-                    Record(key, label, f"{split}-{index}", split, self.path, index=index)
+                    Record(key, label, f"{split}-{index}", split, str(self.path), index=index)
                 )
         return records, rejected
 
@@ -495,7 +497,7 @@ class MedmnistSource:
                 raise DataError(
                     f"cannot read the archive: {error}", reason=Reason.SOURCE_ERROR
                 ) from None
-        return digest_bytes(self._archive_digest, str(record.split), str(record.index))
+        return digest_parts(self._archive_digest, str(record.split), str(record.index))
 
     def load(self, record: Record) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         pixels = self._load_arrays()[f"{record.split}_images"][record.index]

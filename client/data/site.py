@@ -15,10 +15,10 @@ from rich.progress import track
 
 from client.config import SiteConfig
 from client.data.cache import FileDigests, Pack, PackStore
+from client.data.decode import decode_records
 from client.data.loaders import DataSource, Record, open_source
 from client.data.quarantine import QuarantineEntry, count_reasons, write_quarantine_report
 from client.data.splits import SPLITS, Split, assign_patient_splits
-from client.data.transforms import preprocess_image
 from sic_core.errors import DataError
 
 __all__ = ["SiteData", "SplitData", "load_site_data"]
@@ -161,7 +161,9 @@ def _preprocessing_settings(config: SiteConfig) -> dict[str, object]:
     }
 
 
-def load_site_data(config: SiteConfig, *, progress: bool = False) -> SiteData:
+def load_site_data(
+    config: SiteConfig, *, progress: bool = False, workers: int | None = None
+) -> SiteData:
     """Run the site's whole pipeline, using the cache under ``state_dir/cache``.
 
     Every bad file or row is skipped, counted by reason and listed in
@@ -174,6 +176,9 @@ def load_site_data(config: SiteConfig, *, progress: bool = False) -> SiteData:
         The validated site config.
     progress
         Show progress bars (hashing, decoding) on the terminal.
+    workers
+        Processes that decode images not in the cache; default: the usable CPU cores (at
+        most 4); 1 decodes in this process.
 
     Returns
     -------
@@ -201,20 +206,23 @@ def load_site_data(config: SiteConfig, *, progress: bool = False) -> SiteData:
     old_rows = old.row_of() if old is not None else {}
     failures = dict(old.failures) if old is not None else {}
     fresh: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
-    to_decode = [
-        (record, key)
-        for record, key in keyed
-        if key not in old_rows and key not in failures and key not in fresh
-    ]
-    size, percentiles = config.data.image_size, config.preprocessing.percentiles
-    for record, key in _progress(to_decode, "Decoding images", progress):
-        if key in fresh or key in failures:
-            continue
-        try:
-            image, masks = source.load(record)
-            fresh[key] = preprocess_image(image, size, percentiles, masks)
-        except DataError as error:
-            failures[key] = (str(error.reason), str(error))
+    to_decode: dict[str, Record] = {}
+    for record, key in keyed:
+        if key not in old_rows and key not in failures:
+            to_decode.setdefault(key, record)
+    outcomes = decode_records(
+        source,
+        list(to_decode.values()),
+        size=config.data.image_size,
+        percentiles=config.preprocessing.percentiles,
+        workers=workers,
+        progress=progress,
+    )
+    for key, (_, outcome) in zip(to_decode, outcomes, strict=True):
+        if isinstance(outcome[0], np.ndarray):
+            fresh[key] = outcome
+        else:
+            failures[key] = outcome
 
     usable = []
     for record, key in keyed:

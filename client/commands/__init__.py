@@ -1,0 +1,1 @@
+"""One module per ``python -m client`` command; ``client.cli`` registers each in one line."""
