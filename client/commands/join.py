@@ -2,7 +2,8 @@
 
 Validates the site config, prepares the site's data cache (so the first round does not
 decode DICOM under a deadline), then runs ``flower-supernode`` in this process with the site
-config as its node config and a private ``FLWR_HOME`` in the site's state folder.
+config as its node config and a private ``FLWR_HOME`` in the site's state folder. Heavy
+imports happen inside the command so that ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-
-from client.app import SITE_CONFIG_KEY
-from client.config import load_site_config
-from sic_core.errors import SicfedError
 
 __all__ = ["FLOWER_POLL_SECONDS", "join", "shorten_fleet_polling", "supernode_argv"]
 
@@ -73,6 +70,8 @@ def supernode_argv(
     auth_key: Path | None,
 ) -> list[str]:
     """Command-line arguments of ``flower-supernode`` for one site."""
+    from client.app import SITE_CONFIG_KEY
+
     argv = ["flower-supernode", "--superlink", superlink, "--port", str(port)]
     if insecure:
         argv.append("--insecure")
@@ -85,6 +84,7 @@ def supernode_argv(
 
 
 def _data_summary(site_yaml: Path) -> None:
+    from client.config import load_site_config
     from client.data import load_site_data
 
     config = load_site_config(site_yaml)
@@ -153,6 +153,9 @@ def join(
     python -m client join --site site_configs/site_a.yaml --root-certificates ca.crt
     python -m client join --site demo/sites/site_a/site.yaml --insecure --port 9095
     """
+    from client.config import load_site_config
+    from sic_core.errors import SicfedError
+
     try:
         config = load_site_config(site)
         if not insecure and root_certificates is None:

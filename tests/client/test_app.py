@@ -1,0 +1,161 @@
+"""The ClientApp's handlers and its error mod, called in-process with real messages."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+import client.app as client_module
+from client.app import STATE_LOCAL_SUPPORT, STATE_PROGRESS, app
+from server.app import initial_weights, round_configs
+from server.settings import RunSettings
+from server.strategy import SUPPORT_MESSAGE_TYPE, support_record
+from sic_core.support import SupportSet
+from sic_core.wire import (
+    EVAL_METRIC_KEYS,
+    SUPPORT_METRIC_KEYS,
+    TRAIN_METRIC_KEYS,
+    ArrayKey,
+    RecordKey,
+    SiteKey,
+    parse_error,
+)
+from tests.server.fedkit import server_identity, write_site
+
+SIZE = 16
+SETTINGS = RunSettings.from_run_config({"image-size": SIZE, "local-epochs": 1, "batch-size": 8})
+
+
+def global_support(seed: int = 0) -> SupportSet:
+    generator = torch.Generator().manual_seed(seed)
+    return SupportSet(
+        vectors=torch.rand(6, 128, generator=generator),
+        labels=torch.tensor([0, 0, 0, 1, 1, 1]),
+        indices=torch.full((6,), -1),
+    )
+
+
+def incoming(message_type: str, *, server_round: int = 1, with_support: bool = True) -> Message:
+    """A message as the server sends it (weights, support set, round config)."""
+    arrays, _ = initial_weights(SETTINGS)
+    train_config, evaluate_config = round_configs(SETTINGS)
+    config = ConfigRecord(dict(train_config if message_type == MessageType.TRAIN else evaluate_config))
+    config["server-round"] = server_round
+    content = RecordDict({str(RecordKey.ARRAYS): arrays, str(RecordKey.CONFIG): config})
+    if with_support:
+        content[str(RecordKey.SUPPORT)] = support_record(global_support())
+    with server_identity():
+        message = Message(content, dst_node_id=5, message_type=message_type)
+    message.metadata.__dict__["_message_id"] = message.object_id
+    return message
+
+
+def context_for(site_yaml: Path | str) -> Context:
+    return Context(1, 5, {"site-config": str(site_yaml)}, RecordDict(), {})
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_site(tmp_path_factory.mktemp("sites"), "site_x", size=SIZE)
+
+
+def test_train_reply_has_the_fixed_schema_unit_filters_and_the_site_name(site: Path) -> None:
+    message = incoming(MessageType.TRAIN)
+    reply = app(message, context_for(site))
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
+    assert reply.content[str(RecordKey.SITE)][str(SiteKey.NAME)] == "site_x"
+    metrics = reply.content[str(RecordKey.METRICS)]
+    assert set(metrics.keys()) == TRAIN_METRIC_KEYS
+    assert metrics["num-examples"] == 24  # training images, not batches
+    sent = message.content[str(RecordKey.ARRAYS)]
+    returned = reply.content[str(RecordKey.ARRAYS)]
+    assert set(returned.keys()) == set(sent.keys())
+    conv = next(key for key in returned.keys() if key.endswith("weight") and returned[key].numpy().ndim == 4)
+    filters = returned[conv].numpy()
+    norms = np.linalg.norm(filters.reshape(filters.shape[0], -1), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    assert not np.array_equal(filters, sent[conv].numpy())  # it trained
+
+
+def test_support_reply_for_a_site_missing_a_class(tmp_path: Path) -> None:
+    site = write_site(tmp_path, "site_y", size=SIZE, train_per_class=(10, 0))
+    reply = app(incoming(SUPPORT_MESSAGE_TYPE, with_support=False), context_for(site))
+    assert not reply.has_error(), reply.error
+    metrics = reply.content[str(RecordKey.METRICS)]
+    assert set(metrics.keys()) == SUPPORT_METRIC_KEYS
+    assert metrics["support.classes-present"] == 1
+    stats = reply.content[str(RecordKey.STATS)]
+    sums, counts = stats[str(ArrayKey.SUMS)].numpy(), stats[str(ArrayKey.COUNTS)].numpy()
+    assert sums.shape == (2, 3, 128) and counts.shape == (2, 3)
+    assert counts[0].sum() == 10 and counts[1].sum() == 0
+    assert np.all(sums[1] == 0)
+
+
+def test_evaluate_scores_with_local_supports_and_keeps_them_at_the_site(site: Path) -> None:
+    context = context_for(site)
+    reply = app(incoming(MessageType.EVALUATE, server_round=3), context)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content[str(RecordKey.METRICS)]
+    assert set(metrics.keys()) == EVAL_METRIC_KEYS
+    assert metrics["num-examples"] == 12
+    assert metrics["val.local-supports"] == 6
+    for key in ("val.auroc", "val.balanced-accuracy", "val.accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    indices = context.state[STATE_LOCAL_SUPPORT]["indices"].numpy()
+    assert indices.shape == (6,) and (indices >= 0).all()
+    assert context.state[STATE_PROGRESS]["last-eval-round"] == 3
+    report = Path(site).parent / "state" / "reports" / "round_003.json"
+    assert report.exists()
+
+
+def test_state_counts_rounds_across_messages(site: Path) -> None:
+    context = context_for(site)
+    for server_round in (1, 2):
+        assert not app(incoming(MessageType.TRAIN, server_round=server_round), context).has_error()
+    progress = context.state[STATE_PROGRESS]
+    assert progress["rounds-trained"] == 2 and progress["last-train-round"] == 2
+
+
+def test_config_error_leaves_the_site_as_a_code_and_the_site_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = write_site(tmp_path, "site_z", size=SIZE)
+    config = yaml.safe_load(site.read_text())
+    config["data"]["image_size"] = 2 * SIZE
+    site.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.ERROR, logger="client.mods"):
+        reply = app(incoming(MessageType.TRAIN), context_for(site))
+    assert reply.has_error()
+    assert reply.error.reason == "config_error@site_z"
+    assert "image_size" in caplog.text  # the full error stays in the site's log
+
+
+def test_unexpected_exception_becomes_internal_error_without_its_text(
+    site: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("cannot open /hospital/patient_0042/chest.dcm")
+
+    monkeypatch.setattr(client_module, "load_site_data", broken)
+    with caplog.at_level(logging.ERROR, logger="client.mods"):
+        reply = app(incoming(MessageType.EVALUATE), context_for(site))
+    assert reply.error.reason == "internal_error@site_x"
+    assert parse_error(reply.error.reason) == ("internal_error", "site_x")
+    assert "patient_0042" in caplog.text
+
+
+def test_missing_node_config_is_a_config_error_without_a_name() -> None:
+    reply = app(incoming(MessageType.TRAIN), Context(1, 5, {}, RecordDict(), {}))
+    assert reply.error.reason == "config_error"
+
+
+def test_message_without_support_set_is_an_invalid_message(site: Path) -> None:
+    reply = app(incoming(MessageType.TRAIN, with_support=False), context_for(site))
+    assert reply.error.reason == "invalid_message@site_x"

@@ -1,0 +1,219 @@
+"""A whole federation in-process: the real ServerApp ``main`` and ClientApp on a fake Grid.
+
+One module-scoped run on tiny SynthCXR data (32 px) with five sites: SynthCXR A, B, C, a
+site without any "nodule" image, and a site whose config does not fit the model (it fails
+every message). The tests read that run from different angles, including an audit of every
+message the sites sent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+from client.app import STATE_PROGRESS
+from client.app import app as client_app
+from client.config import load_site_config
+from client.data import load_site_data
+from client.synth import generate_synthcxr
+from server.app import main
+from server.checkpoint import RunFiles, load_checkpoint, read_rounds, read_status
+from sic_core import create_model
+from sic_core.wire import SUPPORT_BUFFER_KEYS, ArrayKey, RecordKey, parse_error
+from tests.server.fedkit import FakeGrid, server_identity
+
+SIZE = 32
+RUN_ID = 7
+ROUNDS = 2
+REAL_SITES = ("site_a", "site_b", "site_c")
+
+
+def run_config_defaults() -> dict:
+    """The run config `flwr run` would send: pyproject's defaults."""
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    return dict(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def derived_site(source: Path, target: Path, name: str, *, keep_label: int | None = None,
+                 image_size: int = SIZE) -> Path:
+    """A site reading ``source``'s DICOM files with another name, label subset or size."""
+    target.mkdir(parents=True)
+    config = yaml.safe_load((source / "site.yaml").read_text())
+    config.update({"name": name, "state_dir": str(target / "state")})
+    config["data"].update(
+        {"labels_csv": str(target / "labels.csv"), "root": str(source), "image_size": image_size}
+    )
+    with open(source / "labels.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    kept = [row for row in rows if keep_label is None or int(row["label"]) == keep_label]
+    with open(target / "labels.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    (target / "site.yaml").write_text(yaml.safe_dump(config))
+    return target / "site.yaml"
+
+
+@dataclass
+class Federation:
+    root: Path
+    grid: FakeGrid
+    site_yamls: dict[str, Path]
+    files: RunFiles
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
+    root = tmp_path_factory.mktemp("federation")
+    synth = generate_synthcxr(root / "synth", preset="easy", size=SIZE, scale=0.1, seed=0)
+    site_yamls = {name: synth / name / "site.yaml" for name in REAL_SITES}
+    site_yamls["site_nonodule"] = derived_site(
+        synth / "site_a", root / "nonodule", "site_nonodule", keep_label=0
+    )
+    site_yamls["site_bad"] = derived_site(
+        synth / "site_b", root / "bad", "site_bad", image_size=2 * SIZE
+    )
+    nodes = {100 + i: {"site-config": str(path)} for i, path in enumerate(site_yamls.values())}
+    run_config = {
+        **run_config_defaults(),
+        "rounds": ROUNDS,
+        "image-size": SIZE,
+        "min-sites": 2,
+        "local-epochs": 1,
+        "batch-size": 16,
+        "run-dir": str(root / "out"),
+        "round-timeout": 60.0,
+        "node-wait": 5.0,
+    }
+    grid = FakeGrid(client_app, nodes, run_id=RUN_ID)
+    with server_identity(RUN_ID):
+        main(grid, Context(RUN_ID, 0, {}, RecordDict(), run_config))
+    return Federation(root, grid, site_yamls, RunFiles(root / "out", RUN_ID))
+
+
+def test_run_completes_with_checkpoints_and_round_log(federation: Federation) -> None:
+    assert read_status(federation.files.status_path)["status"] == "completed"
+    rounds = read_rounds(federation.files.rounds_path)
+    assert [entry["round"] for entry in rounds] == [1, 2]
+    for server_round in (1, 2):
+        state = load_checkpoint(federation.files.checkpoint_path(server_round))
+        assert state["round"] == server_round
+        model = create_model("bcos_cnn_small", in_channels=1, num_classes=2)
+        weights = set(model.state_dict()) - SUPPORT_BUFFER_KEYS
+        assert set(state["arrays"]) == weights
+        assert state["support_vectors"].shape == (6, 128)
+        assert set(state["sites"].values()) >= {*REAL_SITES, "site_nonodule", "site_bad"}
+        assert "python" in state["rng"]
+    leftovers = [p.name for p in federation.files.checkpoint_dir.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_failing_site_is_attributed_by_name_and_the_others_carry_on(federation: Federation) -> None:
+    for entry in read_rounds(federation.files.rounds_path):
+        for phase, rows in entry["sites"].items():
+            by_site = {row["site"]: row for row in rows}
+            assert by_site["site_bad"]["status"] == "failed", phase
+            assert by_site["site_bad"]["reason"] == "config_error"
+            for name in (*REAL_SITES, "site_nonodule"):
+                assert by_site[name]["status"] == "ok", (phase, name)
+        assert entry["summary"]["fed/train_sites_ok"] == 4
+        assert entry["summary"]["fed/train_sites_failed"] == 1
+
+
+def test_site_without_a_class_trains_and_keeps_the_global_supports(federation: Federation) -> None:
+    last = read_rounds(federation.files.rounds_path)[-1]
+    evaluate = {row["site"]: row["metrics"] for row in last["sites"]["evaluate"]}
+    support = {row["site"]: row["metrics"] for row in last["sites"]["support"]}
+    assert support["site_nonodule"]["support.classes-present"] == 1
+    assert support["site_a"]["support.classes-present"] == 2
+    # Only the 3 "normal" supports can be replaced by a local image; AUROC is undefined.
+    assert evaluate["site_nonodule"]["val.local-supports"] == 3
+    assert evaluate["site_nonodule"]["val.auroc-defined"] == 0
+    assert evaluate["site_a"]["val.local-supports"] == 6
+    assert evaluate["site_a"]["val.auroc-defined"] == 1
+    assert "perf/mean_site_auroc" in last["summary"]
+
+
+def test_site_state_persists_across_rounds(federation: Federation) -> None:
+    node = next(n for n, c in federation.grid.contexts.items() if "site_a" in c.node_config["site-config"])
+    progress = federation.grid.contexts[node].state[STATE_PROGRESS]
+    assert progress["rounds-trained"] == ROUNDS
+    assert progress["last-eval-round"] == ROUNDS
+    report = Path(load_site_config(federation.site_yamls["site_a"]).state_dir) / "reports"
+    assert json.loads((report / "round_002.json").read_text())["site"] == "site_a"
+
+
+def _private_tokens(site_yamls: dict[str, Path]) -> set[str]:
+    tokens: set[str] = set()
+    for path in site_yamls.values():
+        config = load_site_config(path)
+        if config.data.image_size != SIZE:
+            continue
+        data = load_site_data(config)
+        for split in ("train", "val", "test"):
+            part = data.split(split)
+            tokens.update(part.patient_ids)
+            for file in part.files:
+                tokens.update({file, Path(file).name, Path(file).stem})
+    return {token for token in tokens if len(token) >= 4}
+
+
+def test_no_pixels_file_names_or_patient_ids_leave_a_site(federation: Federation) -> None:
+    tokens = _private_tokens(federation.site_yamls)
+    assert len(tokens) > 50  # real file names and patient ids were collected
+    model = create_model("bcos_cnn_small", in_channels=1, num_classes=2)
+    weight_shapes = {
+        key: tuple(value.shape)
+        for key, value in model.state_dict().items()
+        if key not in SUPPORT_BUFFER_KEYS
+    }
+    allowed = {
+        "train": {str(RecordKey.ARRAYS), str(RecordKey.METRICS), str(RecordKey.SITE)},
+        "query.support": {str(RecordKey.STATS), str(RecordKey.METRICS), str(RecordKey.SITE)},
+        "evaluate": {str(RecordKey.METRICS), str(RecordKey.SITE)},
+    }
+    seen_types = set()
+    errors = 0
+    for _, reply in federation.grid.sent_by_sites:
+        kind = reply.metadata.message_type
+        seen_types.add(kind)
+        if reply.has_error():
+            errors += 1
+            assert parse_error(reply.error.reason) is not None, reply.error.reason
+            assert not any(token in reply.error.reason for token in tokens)
+            continue
+        assert set(reply.content.keys()) == allowed[kind]
+        for name, record in reply.content.items():
+            if isinstance(record, ConfigRecord):
+                for value in record.values():
+                    assert isinstance(value, str) and not isinstance(value, bytes)
+                    assert not any(token in value for token in tokens), (name, value)
+            elif isinstance(record, MetricRecord):
+                assert all(isinstance(v, int | float) for v in record.values())
+            else:
+                assert isinstance(record, ArrayRecord)
+                shapes = {key: tuple(array.numpy().shape) for key, array in record.items()}
+                if name == str(RecordKey.ARRAYS):
+                    assert shapes == weight_shapes
+                else:
+                    assert shapes == {str(ArrayKey.SUMS): (2, 3, 128), str(ArrayKey.COUNTS): (2, 3)}
+                for array in record.values():
+                    assert array.numpy().shape[-2:] != (SIZE, SIZE)
+    assert seen_types == set(allowed)
+    assert errors == 3 * ROUNDS + 1  # site_bad: every phase of every round, plus round 0
+
+
+def test_every_reply_is_finite(federation: Federation) -> None:
+    for _, reply in federation.grid.sent_by_sites:
+        if reply.has_error():
+            continue
+        for record in reply.content.array_records.values():
+            assert all(np.isfinite(array.numpy()).all() for array in record.values())
