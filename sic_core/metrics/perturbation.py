@@ -29,6 +29,8 @@ __all__ = [
     "parameter_noise_rank_correlation",
 ]
 
+_FORWARD_CHUNK = 256
+
 
 def blur(x: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of ``(B, C, H, W)`` images with reflect padding."""
@@ -95,13 +97,21 @@ def _curve_auc(
     pixels = height * width
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(pixels, device=x.device).expand(batch, -1))
-    values = []
-    for step in range(steps + 1):
-        changed = (ranks < round(step * pixels / steps)).view(batch, 1, height, width)
-        start, end = (baseline, x) if insert else (x, baseline)
-        values.append(_target_logits(model, torch.where(changed, end, start), target))
-    curve = torch.stack(values, dim=1)
-    return float(torch.trapezoid(curve, dx=1 / steps, dim=1).mean())
+    start, end = (baseline, x) if insert else (x, baseline)
+    # All steps of all images in a few large forwards: far cheaper than one per step.
+    fractions = torch.tensor([round(step * pixels / steps) for step in range(steps + 1)])
+    changed = ranks.view(batch, 1, 1, height, width) < fractions.view(1, -1, 1, 1, 1).to(x.device)
+    perturbed = torch.where(changed, end.unsqueeze(1), start.unsqueeze(1)).flatten(0, 1)
+    repeated_target = target.repeat_interleave(steps + 1)
+    values = torch.cat(
+        [
+            _target_logits(model, chunk, chunk_target)
+            for chunk, chunk_target in zip(
+                perturbed.split(_FORWARD_CHUNK), repeated_target.split(_FORWARD_CHUNK), strict=True
+            )
+        ]
+    ).view(batch, steps + 1)
+    return float(torch.trapezoid(values, dx=1 / steps, dim=1).mean())
 
 
 def deletion_insertion(

@@ -1,0 +1,229 @@
+"""Explanation quality at a site, per round, on a fixed and versioned audit set.
+
+The audit set is drawn once from the site's validation split (stratified by class,
+deterministic for the site's seed) and keeps its version as long as the split does, so the
+same cases are explained every round. Every metric is one of :mod:`sic_core.metrics`; this
+module only chooses images, masks and targets, and names the results with the MLflow keys of
+METRICS.md. Nothing here leaves the site but the returned numbers.
+
+Conventions
+-----------
+- Class 0 is the normal class; every other class is a finding ("positive"). Localisation
+  uses true positives with a lesion mask and their true class's map; shortcut mass uses the
+  first positive class's map on images with a marker mask.
+- A metric that does not apply at a site (no lesion masks, no marker) is ``nan``; the
+  server logs only finite values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sic_core import SICModel, explain
+from sic_core.metrics import (
+    completeness_max_rel_err,
+    deletion_insertion,
+    evidence_concentration,
+    gini,
+    marker_counterfactual_shift,
+    mass_lift,
+    max_sensitivity,
+    parameter_noise_rank_correlation,
+    pointing_game,
+    spearman,
+    support_jaccard,
+    top_support_agreement,
+)
+
+__all__ = ["AuditSet", "ExplanationState", "audit_metrics", "select_audit_set"]
+
+POSITIVE_CLASS = 1
+
+
+@dataclass(frozen=True)
+class AuditSet:
+    """The fixed cases a site explains every round.
+
+    Attributes
+    ----------
+    images, labels
+        ``(N, C, S, S)`` float32 in [0, 1] and ``(N,)`` int64.
+    lesion, marker
+        ``(N, S, S)`` bool masks (all false where unknown).
+    indices
+        Positions of the cases in the validation split.
+    version
+        Hash of the selection (changes when the split or the size changes).
+    """
+
+    images: Tensor
+    labels: Tensor
+    lesion: Tensor
+    marker: Tensor
+    indices: Tensor
+    version: str
+
+
+def select_audit_set(
+    images: Tensor, labels: Tensor, masks: dict[str, Tensor], *, size: int, seed: int
+) -> AuditSet:
+    """Draw up to ``size`` cases, as equal per class as the split allows, deterministically."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = labels.unique().tolist()
+    per_class = [torch.nonzero(labels == c).flatten() for c in classes]
+    shuffled = [
+        members[torch.randperm(members.numel(), generator=generator)] for members in per_class
+    ]
+    chosen: list[int] = []
+    round_robin = 0
+    while len(chosen) < min(size, labels.numel()):
+        for members in shuffled:
+            if round_robin < members.numel() and len(chosen) < size:
+                chosen.append(int(members[round_robin]))
+        round_robin += 1
+    indices = torch.tensor(sorted(chosen), dtype=torch.long)
+    empty = torch.zeros(labels.numel(), *images.shape[2:], dtype=torch.bool)
+
+    def mask(name: str) -> Tensor:
+        return masks[name][:, 0].bool() if name in masks else empty
+
+    digest = hashlib.sha256()
+    digest.update(indices.numpy().tobytes())
+    digest.update(images[indices].numpy().tobytes())
+    return AuditSet(
+        images=images[indices],
+        labels=labels[indices],
+        lesion=mask("lesion")[indices],
+        marker=mask("marker")[indices],
+        indices=indices,
+        version=f"audit-{digest.hexdigest()[:12]}",
+    )
+
+
+@dataclass(frozen=True)
+class ExplanationState:
+    """What a site remembers between rounds to measure support stability."""
+
+    support_ids: list[int]
+    top_support_ids: list[int]
+
+
+def _nanmedian(values: Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.median()) if finite.numel() else math.nan
+
+
+def audit_metrics(
+    model: SICModel,
+    audit: AuditSet,
+    *,
+    support_ids: Tensor,
+    previous: ExplanationState | None,
+    global_model: SICModel | None = None,
+    probe: Tensor | None = None,
+    parameter_noise_std: float = 0.01,
+    steps: int = 16,
+    curve_images: int = 16,
+    seed: int = 0,
+) -> tuple[dict[str, float], ExplanationState]:
+    """Every per-round explanation-quality metric of METRICS.md on the audit set.
+
+    Parameters
+    ----------
+    model
+        The global model with the site-local support set (nearest local training images).
+    audit
+        The site's audit set.
+    support_ids
+        ``(K,)`` training-split index of each local support (stable image ids at this site).
+    previous
+        Last round's state (``None`` in the first round: stability metrics are ``nan``).
+    global_model, probe
+        The same weights with the *global* support vectors, and public probe images: drift
+        is ``1 - median Spearman`` of their positive-evidence maps against the local model's.
+    parameter_noise_std
+        Standard deviation of the parameter noise for ``xai/dp_noise_rank_corr`` (the DP
+        mechanism's per-step scale at DP sites).
+    steps, curve_images
+        Deletion/insertion steps, and how many audit cases (the first ones) get curves.
+    """
+    result = explain(model, audit.images)
+    predicted = result.predicted
+    maps = result.target_maps()
+    metrics: dict[str, float] = {
+        "xai/completeness_max_rel_err": completeness_max_rel_err(result),
+        "xai/evidence_concentration": evidence_concentration(result.evidence),
+        "xai/gini": float(gini(maps).mean()),
+    }
+
+    top_ids = support_ids[result.evidence.argmax(dim=1)].tolist()
+    labels_k = model.support_labels.cpu()
+    if previous is None:
+        jaccard = [math.nan] * model.num_classes
+        agreement = math.nan
+    else:
+        jaccard = support_jaccard(
+            torch.tensor(previous.support_ids), support_ids.cpu(), labels_k, model.num_classes
+        )
+        agreement = top_support_agreement(
+            torch.tensor(previous.top_support_ids), torch.tensor(top_ids)
+        )
+    for c, value in enumerate(jaccard):
+        metrics[f"xai/support_jaccard/c{c}"] = value
+    metrics["xai/top_support_agreement"] = agreement
+
+    true_positive = (
+        (audit.labels > 0) & (predicted == audit.labels) & audit.lesion.flatten(1).any(1)
+    )
+    truth_maps = result.class_maps[torch.arange(audit.labels.numel()), audit.labels]
+    metrics["xai/rma_lift"] = _nanmedian(
+        mass_lift(truth_maps[true_positive], audit.lesion[true_positive])
+    )
+    hit, baseline = pointing_game(truth_maps[true_positive], audit.lesion[true_positive])
+    metrics["xai/pointing_game"] = hit
+    metrics["xai/pointing_game_baseline"] = baseline
+
+    positive_maps = result.class_maps[:, POSITIVE_CLASS]
+    marked = audit.marker.flatten(1).any(1)
+    metrics["xai/artifact_mass_lift"] = _nanmedian(
+        mass_lift(positive_maps[marked], audit.marker[marked])
+    )
+    shift = marker_counterfactual_shift(
+        model,
+        audit.images[marked],
+        audit.marker[marked].unsqueeze(1),
+        audit.images[~marked],
+        positive_class=POSITIVE_CLASS,
+    )
+    metrics["xai/marker_counterfactual_shift"] = shift.shift
+    metrics["xai/marker_counterfactual_flips"] = shift.flip_share
+
+    # Curves cost (steps + 1) forwards per image and curve: a fixed subset keeps them cheap.
+    subset = slice(0, curve_images)
+    curves = deletion_insertion(
+        model, audit.images[subset], maps[subset], predicted[subset], steps=steps, seed=seed
+    )
+    metrics["xai/deletion_auc"] = curves.deletion_auc
+    metrics["xai/insertion_auc"] = curves.insertion_auc
+    metrics["xai/deletion_random_gap"] = curves.deletion_random_auc - curves.deletion_auc
+    metrics["xai/insertion_random_gap"] = curves.insertion_auc - curves.insertion_random_auc
+
+    few = audit.images[:8]
+    metrics["xai/max_sensitivity"] = max_sensitivity(model, few, samples=2, seed=seed)
+    metrics["xai/dp_noise_rank_corr"] = parameter_noise_rank_correlation(
+        model, few, noise_std=parameter_noise_std, seed=seed
+    )
+
+    if global_model is not None and probe is not None and probe.shape[0]:
+        local = explain(model, probe).class_maps[:, POSITIVE_CLASS].clamp_min(0)
+        shared = explain(global_model, probe).class_maps[:, POSITIVE_CLASS].clamp_min(0)
+        metrics["xai/drift_to_global"] = 1 - float(spearman(local, shared).median())
+    else:
+        metrics["xai/drift_to_global"] = math.nan
+    state = ExplanationState(support_ids=support_ids.tolist(), top_support_ids=top_ids)
+    return metrics, state
