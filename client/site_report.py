@@ -1,0 +1,300 @@
+"""The site's explanation report for one round: JSON with embedded PNGs, rendered to HTML.
+
+The site has the pixels, so it builds the full report and keeps it under
+``state_dir/reports/round_XXX/``; what it sends to the server is the redacted JSON unless its
+config sets ``reporting.share_example_images: true``. Class counts under 10 are shown as
+"<10" (small cells can identify patients).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from client.audit import AuditSet
+from sic_core import SICModel, explain, explain_support
+from sic_core.atomic import atomic_write
+from sic_core.report import redact, render_report_html
+
+__all__ = [
+    "SMALL_CELL",
+    "ReportInputs",
+    "build_site_report",
+    "overlay_png",
+    "png_data_uri",
+    "small_cell",
+    "write_site_report",
+]
+
+SMALL_CELL = 10
+GALLERY_CASES = 4
+GALLERY_ERRORS = 2
+DISPLAY_SIZE = 160
+
+INTENDED_USE = (
+    "Research and audit of a federated, interpretable-by-design classifier. Not a medical "
+    "device; predictions and explanations must not be used for diagnosis."
+)
+LIMITATIONS = [
+    "Support samples change between rounds until the model converges: show clinicians "
+    "support samples only from a frozen, approved model version.",
+    "Read every explanation metric against the spread between two ordinary training runs, "
+    "not against fixed thresholds.",
+]
+
+#: Dashboard thresholds (also logged as MLflow params ``xai_threshold/<metric>``).
+THRESHOLDS: dict[str, float] = {
+    "xai/completeness_max_rel_err": 1e-4,
+    "xai/artifact_mass_lift": 2.0,
+    "xai/rma_lift": 1.0,
+}
+
+
+def small_cell(count: int) -> int | str:
+    """A count as shown in reports: ``"<10"`` below :data:`SMALL_CELL`."""
+    return f"<{SMALL_CELL}" if 0 < count < SMALL_CELL else count
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    """``(H, W, 3|4)`` uint8 image as a ``data:image/png;base64,...`` URI, upscaled for display."""
+    image = Image.fromarray(rgb)
+    image = image.resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _grey(image: Tensor) -> np.ndarray:
+    grey = image.mean(dim=0).clamp(0, 1).numpy()
+    return (np.stack([grey] * 3, axis=-1) * 255).astype(np.uint8)
+
+
+def overlay_png(
+    image: Tensor, contribution: Tensor, scale: float, contour: Tensor | None = None
+) -> str:
+    """Signed contributions over the image on a fixed symmetric scale ``[-scale, scale]``.
+
+    Red adds to the score, blue takes from it; opacity grows with ``|R| / scale``. The same
+    ``scale`` is used for every case of a report so maps are comparable.
+    """
+    base = _grey(image).astype(np.float32) / 255
+    relative = (contribution / max(scale, 1e-12)).clamp(-1, 1).numpy()[..., None]
+    red, blue = np.array([0.85, 0.1, 0.1]), np.array([0.1, 0.3, 0.9])
+    colour = np.where(relative >= 0, red, blue)
+    alpha = np.abs(relative) ** 0.7
+    blended = base * (1 - alpha) + colour * alpha
+    if contour is not None:
+        mask = contour.bool().numpy()
+        edge = mask & ~np.pad(mask, 1)[2:, 1:-1] | mask & ~np.pad(mask, 1)[:-2, 1:-1]
+        edge |= mask & ~np.pad(mask, 1)[1:-1, 2:] | mask & ~np.pad(mask, 1)[1:-1, :-2]
+        blended[edge] = [1.0, 0.85, 0.0]
+    return png_data_uri((blended * 255).astype(np.uint8))
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What a site knows when it writes its round report.
+
+    Attributes
+    ----------
+    provenance
+        Federation run, round, site pseudonym, model version, git SHA, config hash, data
+        snapshot hash, audit-set version, DP spent.
+    class_names, class_counts, quarantine
+        Data sheet (aggregates only).
+    performance
+        Metric key to value for this round (``perf/*``).
+    metrics
+        Explanation metrics for this round (``xai/*``).
+    history
+        Earlier rounds' ``perf/*`` and ``xai/*`` values at this site, oldest first.
+    released
+        What left the site this round: (what, value) rows.
+    """
+
+    provenance: Mapping[str, object]
+    class_names: Sequence[str]
+    class_counts: Mapping[str, Mapping[str, int]]
+    quarantine: Mapping[str, int]
+    performance: Mapping[str, float]
+    metrics: Mapping[str, float]
+    history: Sequence[Mapping[str, float]]
+    released: Sequence[tuple[str, object]]
+    reliability: Sequence[Mapping[str, float]] = ()
+    sanity: Mapping[str, object] | None = None
+
+
+def _previous(history: Sequence[Mapping[str, float]], key: str) -> float | None:
+    return history[-1].get(key) if history else None
+
+
+def _change(value: float, previous: float | None) -> float | None:
+    if previous is None or not all(math.isfinite(v) for v in (value, previous)):
+        return None
+    return value - previous
+
+
+def _gallery(
+    model: SICModel, audit: AuditSet, support_images: Tensor, class_names: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    result = explain(model, audit.images)
+    wrong = torch.nonzero(result.predicted != audit.labels).flatten()
+    confidence = result.logits.max(dim=1).values
+    worst = wrong[confidence[wrong].argsort(descending=True)][:GALLERY_ERRORS].tolist()
+    cases = list(range(min(GALLERY_CASES, audit.labels.numel()))) + worst
+    scale = float(result.target_maps().abs().flatten().quantile(0.995)) or 1.0
+    support_explanation = explain_support(model, support_images)
+    support_scale = float(support_explanation.maps.abs().flatten().quantile(0.995)) or 1.0
+    labels_k = model.support_labels.tolist()
+
+    def support_label(k: int) -> str:
+        return f"{class_names[labels_k[k]]} #{k}"
+
+    gallery = []
+    for i in cases:
+        target = int(result.predicted[i])
+        evidence = result.evidence[i]
+        bars = [
+            {"label": support_label(k), "value": float(evidence[k])}
+            for k in range(evidence.numel())
+        ] + [{"label": "bias", "value": result.bias}]
+        in_target = [k for k in range(evidence.numel()) if labels_k[k] == target]
+        top = sorted(in_target, key=lambda k: -float(evidence[k]))[:3]
+        gallery.append(
+            {
+                "title": (
+                    f"case {i}: true {class_names[int(audit.labels[i])]}, predicted "
+                    f"{class_names[target]} (logit {float(result.logits[i, target]):.3f})"
+                    + (" — error" if i in worst else "")
+                ),
+                "input_png": png_data_uri(_grey(audit.images[i])),
+                "overlay_png": overlay_png(
+                    audit.images[i],
+                    result.class_maps[i, target],
+                    scale,
+                    audit.lesion[i] if audit.lesion[i].any() else None,
+                ),
+                "evidence": bars,
+                "supports": [
+                    {
+                        "label": support_label(k),
+                        "evidence": float(evidence[k]),
+                        "png": png_data_uri(_grey(support_images[k])),
+                        "map_png": overlay_png(
+                            support_images[k], support_explanation.maps[k], support_scale
+                        ),
+                    }
+                    for k in top
+                ],
+            }
+        )
+    support_set = [
+        {
+            "label": support_label(k),
+            "png": png_data_uri(_grey(support_images[k])),
+            "map_png": overlay_png(support_images[k], support_explanation.maps[k], support_scale),
+        }
+        for k in range(support_images.shape[0])
+    ]
+    return gallery, support_set
+
+
+def build_site_report(
+    inputs: ReportInputs, model: SICModel, audit: AuditSet, support_images: Tensor
+) -> dict[str, Any]:
+    """The full (pixel-carrying) report JSON of one round at one site.
+
+    Parameters
+    ----------
+    inputs
+        Numbers and provenance (see :class:`ReportInputs`).
+    model
+        The evaluated model with its site-local support set.
+    audit
+        The audit set (gallery cases are its first cases plus the most confident errors).
+    support_images
+        ``(K, C, S, S)`` the site's training image behind each support vector.
+    """
+    gallery, support_set = _gallery(model, audit, support_images, inputs.class_names)
+    history = list(inputs.history)
+    xai_rows = []
+    for key, value in inputs.metrics.items():
+        threshold = THRESHOLDS.get(key)
+        flagged = (
+            threshold is not None
+            and math.isfinite(value)
+            and (value > threshold if key != "xai/rma_lift" else value < threshold)
+        )
+        xai_rows.append(
+            {
+                "key": key,
+                "value": value,
+                "threshold": threshold,
+                "change": _change(value, _previous(history, key)),
+                "trend": [h.get(key) for h in history] + [value],
+                "flagged": flagged,
+            }
+        )
+    metrics = [
+        {"key": key, "value": value, "previous": _previous(history, key)}
+        for key, value in inputs.performance.items()
+    ]
+    counts = {
+        split: [small_cell(per_class.get(name, 0)) for name in inputs.class_names]
+        for split, per_class in inputs.class_counts.items()
+    }
+    findings = [
+        f"{row['key']} = {row['value']:.4g} crosses its threshold {row['threshold']}"
+        for row in xai_rows
+        if row["flagged"]
+    ] or ["No metric crossed its threshold this round."]
+    return {
+        "provenance": dict(inputs.provenance),
+        "intended_use": INTENDED_USE,
+        "limitations": LIMITATIONS,
+        "data_sheet": {
+            "class_names": list(inputs.class_names),
+            "class_counts": counts,
+            "quarantine": dict(inputs.quarantine),
+        },
+        "performance": {"metrics": metrics, "reliability": list(inputs.reliability)},
+        "xai": xai_rows,
+        "completeness_example": {"max_rel_err": inputs.metrics.get("xai/completeness_max_rel_err")},
+        "gallery": gallery,
+        "support_set": support_set,
+        "support_stability": {
+            k: v for k, v in inputs.metrics.items() if "jaccard" in k or "agreement" in k
+        },
+        "sanity": dict(inputs.sanity or {"status": "not run this round (milestone suite)"}),
+        "released": [[what, value] for what, value in inputs.released],
+        "findings": findings,
+        "redacted": False,
+    }
+
+
+def write_site_report(
+    report: Mapping[str, Any], directory: Path, *, share_images: bool
+) -> dict[str, Any]:
+    """Write ``report.json`` and ``report.html`` (full, site-local) under ``directory``.
+
+    Returns the copy that may leave the site: the full report if ``share_images``, else the
+    redacted one.
+    """
+    for name, text in (
+        ("report.json", json.dumps(report, indent=1)),
+        ("report.html", render_report_html(report)),
+    ):
+        encoded = text.encode()
+        atomic_write(directory / name, lambda stream, data=encoded: stream.write(data))
+    return dict(report) if share_images else redact(report)
