@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 #: Bump when preprocessing code changes its output, so that old packs are not reused.
 CACHE_VERSION = 1
 _KEEP_CONFIGURATIONS = 3
+_RACY_NS = 2_000_000_000
 
 
 def digest_bytes(data: bytes) -> str:
@@ -105,8 +107,11 @@ class FileDigests:
             return str(known[2])
         with open(name, "rb") as stream:
             value = digest_bytes(stream.read())
-        self._entries[name] = [stat.st_size, stat.st_mtime_ns, value]
-        self._changed = True
+        # A file written within the timestamp resolution of this hashing could change again
+        # with the same size and mtime ("racily clean" in git): hash it again next time.
+        if time.time_ns() - stat.st_mtime_ns > _RACY_NS:
+            self._entries[name] = [stat.st_size, stat.st_mtime_ns, value]
+            self._changed = True
         return value
 
     def save(self) -> None:

@@ -390,7 +390,7 @@ def read_raster(path: str | Path, *, keep_colour: bool, max_pixels: float) -> np
     Raises
     ------
     DataError
-        ``not_dicom`` (not an image file), ``too_large`` or ``decode_error``.
+        ``too_large``, or ``decode_error`` (also for files that are not images).
     """
     try:
         with Image.open(path) as opened:
@@ -416,7 +416,7 @@ def read_raster(path: str | Path, *, keep_colour: bool, max_pixels: float) -> np
     except DataError:
         raise
     except UnidentifiedImageError:
-        raise DataError("not an image file", reason=Reason.NOT_DICOM) from None
+        raise DataError("not an image file", reason=Reason.DECODE_ERROR) from None
     except Exception as error:
         raise DataError(f"cannot decode: {error}", reason=Reason.DECODE_ERROR) from None
     if keep_colour and array.shape[0] == 1:

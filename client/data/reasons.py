@@ -14,7 +14,7 @@ __all__ = ["Reason"]
 class Reason(StrEnum):
     """Why a file or row was skipped (the ``reason`` of a ``DataError``)."""
 
-    #: The file is not DICOM (or not an image file for the folder format).
+    #: The file is not DICOM at all (text, another format).
     NOT_DICOM = "not_dicom"
     #: The file parsed but its pixel data could not be decoded (corrupt, truncated, codec).
     DECODE_ERROR = "decode_error"
