@@ -29,7 +29,7 @@ _SUPERSAMPLE = 4
 _MARKER_TEXT = "PORT"
 _DISTRACTOR_RADIUS_MM = (1.5, 3.0)
 #: Attenuation window mapped to display [0, 1] (before the per-patient shift).
-_WINDOW = (0.25, 2.9)
+_WINDOW = (0.0, 2.9)
 
 
 @dataclass(frozen=True)
