@@ -359,7 +359,7 @@ def render_case(
         centre_u, centre_v = _place_disc(geometry_rng, anatomy, radius)
         nodule = (centre_u, centre_v, radius)
         centre = anatomy.to_detector(centre_u, centre_v)
-        cavity = 0.5 if case.lesion_type == "cavitary" else 0.0
+        cavity = 0.6 if case.lesion_type == "cavitary" else 0.0
         masks["lesion"] = _draw_disc(findings, centre, radius, contrast, cavity=cavity)
         lesion = Lesion(
             row=(centre[1] + 1.0) / 2.0 * size - 0.5,
