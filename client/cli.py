@@ -38,7 +38,6 @@ def _main(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
-        force=True,
     )
 
 
