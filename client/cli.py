@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from client.commands import check, join, synth
+from client.commands import check, join, privacy, synth
 
 __all__ = ["app"]
 
@@ -44,3 +44,4 @@ def _main(
 app.command("synth")(synth.synth)
 app.command("check")(check.check)
 app.command("join")(join.join)
+app.command("privacy")(privacy.privacy)
