@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ GENERATOR_VERSION = "1.0.0"
 _SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 _DISTRACTOR_SHARE = 0.4
 _MIN_PER_CLASS = 3
+_CHUNK = 100
 _CSV_COLUMNS = (
     "file",
     "patient_id",
@@ -132,6 +136,11 @@ def plan_site(
     ]
 
 
+def _default_workers() -> int:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return max(1, min(4, usable))
+
+
 def _prepare_output(out: Path) -> None:
     """Create ``out``, clearing a previous SynthCXR output but never other files."""
     if out.exists() and any(out.iterdir()):
@@ -147,26 +156,33 @@ def _prepare_output(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _write_site(
-    folder: Path,
-    spec: SiteSpec,
-    plan: list[PlannedImage],
-    *,
-    preset: Preset,
-    size: int,
-    seed: int,
-    site_index: int,
-    class_names: list[str],
-) -> np.ndarray:
-    """Render and write one site; returns its display images as uint8 ``(N, S, S)``."""
-    (folder / "dicom").mkdir(parents=True)
-    (folder / "masks").mkdir()
-    displays = np.empty((len(plan), size, size), np.uint8)
-    rows = []
-    template = DicomTemplate(spec, seed=seed, size=size, patient_id_length=len(plan[0].patient_id))
-    for position, item in enumerate(plan):
+@dataclass(frozen=True)
+class _Chunk:
+    """A run of one site's images that one worker renders and writes."""
+
+    folder: Path
+    spec: SiteSpec
+    items: tuple[PlannedImage, ...]
+    preset: Preset
+    size: int
+    seed: int
+    site_index: int
+    class_names: tuple[str, ...]
+
+
+def _render_chunk(chunk: _Chunk) -> tuple[list[dict[str, object]], np.ndarray]:
+    """Render and write a chunk; returns its labels.csv rows and uint8 display images."""
+    spec, folder, size = chunk.spec, chunk.folder, chunk.size
+    template = DicomTemplate(
+        spec, seed=chunk.seed, size=size, patient_id_length=len(chunk.items[0].patient_id)
+    )
+    displays = np.empty((len(chunk.items), size, size), np.uint8)
+    rows: list[dict[str, object]] = []
+    for position, item in enumerate(chunk.items):
         case = item.case
-        rendered = render_case(case, spec, preset, size=size, seed=seed, site_index=site_index)
+        rendered = render_case(
+            case, spec, chunk.preset, size=size, seed=chunk.seed, site_index=chunk.site_index
+        )
         file_name = f"dicom/{item.patient_id}.dcm"
         template.write(
             folder / file_name,
@@ -186,7 +202,7 @@ def _write_site(
                 "file": file_name,
                 "patient_id": item.patient_id,
                 "label": case.label,
-                "class_name": class_names[case.label],
+                "class_name": chunk.class_names[case.label],
                 "split": str(item.split),
                 "mask": mask_files.get("lesion", ""),
                 "marker_mask": mask_files.get("marker", ""),
@@ -200,6 +216,30 @@ def _write_site(
                 "distractor": int(case.distractor),
             }
         )
+    return rows, displays
+
+
+def _run_chunks(
+    chunks: list[_Chunk], workers: int
+) -> Iterator[tuple[list[dict[str, object]], np.ndarray]]:
+    """Render chunks in order, in forked worker processes when there are several."""
+    if workers <= 1 or len(chunks) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from map(_render_chunk, chunks)
+        return
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(_render_chunk, chunks)
+
+
+def _write_site_files(
+    folder: Path,
+    spec: SiteSpec,
+    rows: list[dict[str, object]],
+    *,
+    seed: int,
+    size: int,
+    class_names: list[str],
+) -> None:
     write_csv(folder / "labels.csv", rows, _CSV_COLUMNS)
     write_site_yaml(
         folder / "site.yaml",
@@ -218,7 +258,6 @@ def _write_site(
         },
         comment=f"SynthCXR {spec.name}: synthetic data, written by `python -m client synth`",
     )
-    return displays
 
 
 def _counts(plan: list[PlannedImage], class_names: list[str]) -> dict[str, dict[str, int]]:
@@ -237,6 +276,7 @@ def generate_synthcxr(
     seed: int = 0,
     classes: int = 2,
     sites: Sequence[SiteSpec] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Generate the SynthCXR federation under ``out``.
 
@@ -260,6 +300,9 @@ def generate_synthcxr(
         2 (normal / nodule) or 3 (normal / solid nodule / cavitary nodule).
     sites
         Site models; default: sites A, B (shortcut), C and held-out D of DATA.md.
+    workers
+        Processes that render; default: the usable CPU cores (at most 4). The output does
+        not depend on it.
 
     Returns
     -------
@@ -292,28 +335,50 @@ def generate_synthcxr(
     out = Path(out)
     _prepare_output(out)
 
+    plans = [
+        plan_site(spec, site_index=index, scale=scale, seed=seed, classes=classes)
+        for index, spec in enumerate(specs)
+    ]
+    chunks: list[_Chunk] = []
+    for index, (spec, plan) in enumerate(zip(specs, plans, strict=True)):
+        logger.info("SynthCXR %s: %d images", spec.name, len(plan))
+        (out / spec.name / "dicom").mkdir(parents=True)
+        (out / spec.name / "masks").mkdir()
+        chunks += [
+            _Chunk(
+                out / spec.name,
+                spec,
+                tuple(plan[start : start + _CHUNK]),
+                chosen,
+                size,
+                seed,
+                index,
+                tuple(class_names),
+            )
+            for start in range(0, len(plan), _CHUNK)
+        ]
+    outputs = list(_run_chunks(chunks, workers if workers is not None else _default_workers()))
+
     site_entries = []
     pooled: dict[str, list[np.ndarray]] = {
         f"{split}_{kind}": [] for split in SPLITS for kind in ("images", "labels")
     }
-    for site_index, spec in enumerate(specs):
-        plan = plan_site(spec, site_index=site_index, scale=scale, seed=seed, classes=classes)
-        logger.info("SynthCXR %s: %d images", spec.name, len(plan))
-        displays = _write_site(
-            out / spec.name,
-            spec,
-            plan,
-            preset=chosen,
-            size=size,
-            seed=seed,
-            site_index=site_index,
-            class_names=class_names,
+    for index, (spec, plan) in enumerate(zip(specs, plans, strict=True)):
+        parts = [
+            output
+            for chunk, output in zip(chunks, outputs, strict=True)
+            if chunk.site_index == index
+        ]
+        rows = [row for part_rows, _ in parts for row in part_rows]
+        displays = np.concatenate([part_displays for _, part_displays in parts])
+        _write_site_files(
+            out / spec.name, spec, rows, seed=seed, size=size, class_names=class_names
         )
         if not spec.held_out:
             for split in SPLITS:
-                chosen_rows = [index for index, item in enumerate(plan) if item.split is split]
-                pooled[f"{split}_images"].append(displays[chosen_rows])
-                labels = np.array([plan[index].case.label for index in chosen_rows], np.uint8)
+                members = [index for index, item in enumerate(plan) if item.split is split]
+                pooled[f"{split}_images"].append(displays[members])
+                labels = np.array([plan[index].case.label for index in members], np.uint8)
                 pooled[f"{split}_labels"].append(labels.reshape(-1, 1))
         site_entries.append(
             {
