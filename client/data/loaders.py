@@ -248,8 +248,9 @@ class DicomSource:
     def records(self) -> tuple[list[Record], list[QuarantineEntry]]:
         try:
             with self.labels_csv.open(newline="", encoding="utf-8-sig") as stream:
-                rows = list(csv.DictReader(stream))
-                columns = list(rows[0]) if rows else []
+                reader = csv.DictReader(stream)
+                rows = list(reader)
+                columns = list(reader.fieldnames or [])
         except OSError as error:
             raise DataError(
                 f"{self.labels_csv}: cannot read the labels file ({error.strerror})",
@@ -260,11 +261,15 @@ class DicomSource:
                 f"{self.labels_csv}: not a readable CSV file ({error})", reason=Reason.SOURCE_ERROR
             ) from None
         missing = [column for column in _REQUIRED_COLUMNS if column not in columns]
-        if not rows or missing:
+        if missing:
             raise DataError(
-                f"{self.labels_csv}: expected a header with columns {list(_REQUIRED_COLUMNS)} "
-                f"and at least one row; missing: {missing or 'rows'}",
+                f"{self.labels_csv}: the header needs the columns {list(_REQUIRED_COLUMNS)}; "
+                f"missing: {missing} (found: {columns})",
                 reason=Reason.SOURCE_ERROR,
+            )
+        if not rows:
+            raise DataError(
+                f"{self.labels_csv}: no rows below the header", reason=Reason.SOURCE_ERROR
             )
         mask_columns = {
             column: MASK_COLUMNS[column] for column in columns if column in MASK_COLUMNS

@@ -80,7 +80,9 @@ class SiteData:
     cached
         Images taken from the on-disk cache in this load.
     decoded
-        Images decoded and preprocessed in this load.
+        Files decoded in this load (failures included).
+    warnings
+        Problems that do not stop training (e.g. a patient in two declared splits).
     """
 
     site: str
