@@ -62,6 +62,23 @@ def test_site_data_has_the_contracted_shapes(synth_site: Callable[..., SiteConfi
         data.split("validation")
 
 
+def test_masks_stay_on_the_lesions_through_decoding_and_resizing(
+    synth_site: Callable[..., SiteConfig],
+) -> None:
+    config = synth_site("site_a")
+    resized = config.model_copy(update={"data": config.data.model_copy(update={"image_size": 48})})
+    split = load_site_data(resized, workers=1).split("train")
+    positive = split.labels == 1
+    lesion = split.masks["lesion"][positive].bool()
+    images = split.images[positive]
+    assert lesion.flatten(1).any(1).all()  # no lesion mask vanished in the resize
+    ring = torch.nn.functional.max_pool2d(lesion.float(), 5, stride=1, padding=2).bool() & ~lesion
+    inside = (images * lesion).flatten(1).sum(1) / lesion.flatten(1).sum(1)
+    around = (images * ring).flatten(1).sum(1) / ring.flatten(1).sum(1)
+    assert (inside > around + 0.03).all()  # every mask sits on its bright disc
+    assert not split.masks["lesion"][~positive].any()
+
+
 def test_the_cache_is_hit_on_a_second_load(
     synth_site: Callable[..., SiteConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
