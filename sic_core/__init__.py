@@ -9,30 +9,73 @@ Public API::
     save_checkpoint(path, model) / load_checkpoint(path)
 """
 
-from sic_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from sic_core.encoders import create_encoder, list_encoders, register_encoder
-from sic_core.errors import ConfigError, DataError, PrivacyBudgetError, SicfedError, SiteError
-from sic_core.explain import (
-    Explanation,
-    SupportExplanation,
-    colour_explanation,
-    explain,
-    explain_support,
-    explanation_mode,
-)
-from sic_core.federated import unit_filter_state_dict
-from sic_core.model import ModelConfig, SICModel, create_model
-from sic_core.support import (
-    ClusterStatistics,
-    SupportSet,
-    anchor_support,
-    cluster_statistics,
-    embed_all,
-    merge_cluster_statistics,
-    nearest_local_support,
-    select_support,
-)
-from sic_core.training import TrainConfig, TrainHistory, train_sic
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sic_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from sic_core.encoders import create_encoder, list_encoders, register_encoder
+    from sic_core.errors import ConfigError, DataError, PrivacyBudgetError, SicfedError, SiteError
+    from sic_core.explain import (
+        Explanation,
+        SupportExplanation,
+        colour_explanation,
+        explain,
+        explain_support,
+        explanation_mode,
+    )
+    from sic_core.federated import unit_filter_state_dict
+    from sic_core.model import ModelConfig, SICModel, create_model
+    from sic_core.support import (
+        ClusterStatistics,
+        SupportSet,
+        anchor_support,
+        cluster_statistics,
+        embed_all,
+        merge_cluster_statistics,
+        nearest_local_support,
+        select_support,
+    )
+    from sic_core.training import TrainConfig, TrainHistory, train_sic
+
+# Names load on first use: `from sic_core.errors import ...` (CLIs, --help) must not pay
+# for importing torch and the model.
+_EXPORTS: dict[str, str] = {
+    "Checkpoint": "sic_core.checkpoint",
+    "load_checkpoint": "sic_core.checkpoint",
+    "save_checkpoint": "sic_core.checkpoint",
+    "create_encoder": "sic_core.encoders",
+    "list_encoders": "sic_core.encoders",
+    "register_encoder": "sic_core.encoders",
+    "ConfigError": "sic_core.errors",
+    "DataError": "sic_core.errors",
+    "PrivacyBudgetError": "sic_core.errors",
+    "SicfedError": "sic_core.errors",
+    "SiteError": "sic_core.errors",
+    "Explanation": "sic_core.explain",
+    "SupportExplanation": "sic_core.explain",
+    "colour_explanation": "sic_core.explain",
+    "explain": "sic_core.explain",
+    "explain_support": "sic_core.explain",
+    "explanation_mode": "sic_core.explain",
+    "unit_filter_state_dict": "sic_core.federated",
+    "ModelConfig": "sic_core.model",
+    "SICModel": "sic_core.model",
+    "create_model": "sic_core.model",
+    "ClusterStatistics": "sic_core.support",
+    "SupportSet": "sic_core.support",
+    "anchor_support": "sic_core.support",
+    "cluster_statistics": "sic_core.support",
+    "embed_all": "sic_core.support",
+    "merge_cluster_statistics": "sic_core.support",
+    "nearest_local_support": "sic_core.support",
+    "select_support": "sic_core.support",
+    "TrainConfig": "sic_core.training",
+    "TrainHistory": "sic_core.training",
+    "train_sic": "sic_core.training",
+}
 
 __all__ = [
     "Checkpoint",
@@ -68,3 +111,15 @@ __all__ = [
     "train_sic",
     "unit_filter_state_dict",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sic_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import sys
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +39,6 @@ def test_import_direction(package: str) -> None:
 
 def test_sic_core_depends_only_on_torch_numpy_sklearn_and_bcos() -> None:
     allowed = {"torch", "numpy", "sklearn", "bcos", "tqdm", "sic_core", "__future__"}
-    import sys
-
     standard = set(sys.stdlib_module_names)
     offenders = {
         f"{path.relative_to(ROOT)}: {name}"
@@ -47,3 +47,14 @@ def test_sic_core_depends_only_on_torch_numpy_sklearn_and_bcos() -> None:
         if name not in allowed and name not in standard
     }
     assert not offenders, offenders
+
+
+def test_errors_import_without_torch() -> None:
+    """CLIs import the error types first; that must not pay for torch (seconds per call)."""
+    import subprocess
+
+    probe = "import sys, sic_core.errors, sic_core; print('torch' in sys.modules)"
+    output = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert output.strip() == "False"
