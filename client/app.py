@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -75,6 +76,17 @@ STATE_PROGRESS = "sicfed.progress"
 STATE_LOCAL_SUPPORT = "sicfed.local-support"
 
 app = ClientApp(mods=[sanitise_errors])
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux ``/proc``; 0.0 where unavailable)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return max(0.0, uptime - started)
 
 
 def _route_logs() -> None:
@@ -141,6 +153,7 @@ def _spec(message: Message, config: SiteConfig, source: str) -> tuple[ConfigReco
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the global model locally for the configured epochs."""
+    startup = process_age()
     _route_logs()
     started = time.perf_counter()
     config = site_config(context)
@@ -177,6 +190,7 @@ def train(message: Message, context: Context) -> Message:
         str(TrainMetric.LOSS): float(history.final_loss),
         str(TrainMetric.EPOCHS): len(history.epochs),
         str(TrainMetric.SECONDS): time.perf_counter() - started,
+        str(TrainMetric.STARTUP): startup,
         str(TrainMetric.QUARANTINED): int(sum(data.quarantine_counts.values())),
         str(TrainMetric.DP_EPSILON): 0.0,
     }
@@ -186,6 +200,7 @@ def train(message: Message, context: Context) -> Message:
 @app.query(str(QueryName.SUPPORT))
 def support(message: Message, context: Context) -> Message:
     """Per-class cluster sums and counts of the training embeddings under the sent weights."""
+    startup = process_age()
     _route_logs()
     started = time.perf_counter()
     config = site_config(context)
@@ -199,6 +214,7 @@ def support(message: Message, context: Context) -> Message:
         str(SupportMetric.NUM_EXAMPLES): int(split.labels.shape[0]),
         str(SupportMetric.CLASSES_PRESENT): present,
         str(SupportMetric.SECONDS): time.perf_counter() - started,
+        str(SupportMetric.STARTUP): startup,
     }
     record = ArrayRecord(
         {
@@ -212,6 +228,7 @@ def support(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the global model on the validation split with site-local supports."""
+    startup = process_age()
     _route_logs()
     started = time.perf_counter()
     config = site_config(context)
@@ -245,6 +262,7 @@ def evaluate(message: Message, context: Context) -> Message:
         str(EvalMetric.AUROC_GLOBAL_SUPPORT): _finite_or_chance(result.auroc_global_support),
         str(EvalMetric.LOCAL_SUPPORTS): int((local.indices >= 0).sum()),
         str(EvalMetric.SECONDS): time.perf_counter() - started,
+        str(EvalMetric.STARTUP): startup,
     }
     _write_report(config, server_round, metrics, local.indices.tolist())
     log.info(

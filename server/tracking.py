@@ -28,6 +28,7 @@ SITE_METRIC_NAMES: dict[str, dict[str, str]] = {
         TrainMetric.LOSS: "train/loss",
         TrainMetric.EPOCHS: "train/epochs",
         TrainMetric.SECONDS: "time/train_s",
+        TrainMetric.STARTUP: "time/train_startup_s",
         TrainMetric.QUARANTINED: "data/quarantined",
         TrainMetric.DP_EPSILON: "dp/epsilon",
     },
@@ -35,6 +36,7 @@ SITE_METRIC_NAMES: dict[str, dict[str, str]] = {
         SupportMetric.NUM_EXAMPLES: "data/support_images",
         SupportMetric.CLASSES_PRESENT: "data/classes_present",
         SupportMetric.SECONDS: "time/support_s",
+        SupportMetric.STARTUP: "time/support_startup_s",
     },
     "evaluate": {
         EvalMetric.NUM_EXAMPLES: "data/val_images",
@@ -45,6 +47,7 @@ SITE_METRIC_NAMES: dict[str, dict[str, str]] = {
         EvalMetric.AUROC_GLOBAL_SUPPORT: "perf/auroc_global_support",
         EvalMetric.LOCAL_SUPPORTS: "support/local_supports",
         EvalMetric.SECONDS: "time/eval_s",
+        EvalMetric.STARTUP: "time/eval_startup_s",
     },
 }
 

@@ -121,6 +121,9 @@ class TrainMetric(StrEnum):
     EPOCHS = "train.epochs"
     #: Seconds of local compute inside the handler.
     SECONDS = "train.seconds"
+    #: Seconds from the ClientApp process's start to the handler (Flower starts one process
+    #: per message; imports dominate).
+    STARTUP = "train.startup-seconds"
     #: Files the site's data pipeline skipped this run (counted, never named).
     QUARANTINED = "data.quarantined"
     #: Privacy spent so far at this site (0 without DP).
@@ -134,6 +137,7 @@ class SupportMetric(StrEnum):
     #: Classes present in the site's training split.
     CLASSES_PRESENT = "support.classes-present"
     SECONDS = "support.seconds"
+    STARTUP = "support.startup-seconds"
 
 
 class EvalMetric(StrEnum):
@@ -154,6 +158,7 @@ class EvalMetric(StrEnum):
     #: Support vectors replaced by a real local image (classes absent here keep the global).
     LOCAL_SUPPORTS = "val.local-supports"
     SECONDS = "val.seconds"
+    STARTUP = "val.startup-seconds"
 
 
 #: State-dict entries that never travel in ``arrays`` (the support set has its own record).

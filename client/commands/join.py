@@ -8,10 +8,14 @@ imports happen inside the command so that ``--help`` stays fast.
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import subprocess
 import sys
 import time
 import types
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +23,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["FLOWER_POLL_SECONDS", "join", "shorten_fleet_polling", "supernode_argv"]
+__all__ = [
+    "FLOWER_POLL_SECONDS",
+    "WARM_MODULES",
+    "join",
+    "shorten_fleet_polling",
+    "start_warm_launcher",
+    "supernode_argv",
+]
 
 console = Console(stderr=True)
 
@@ -54,10 +65,130 @@ def shorten_fleet_polling(interval: float) -> None:
     def capped_sleep(seconds: float) -> None:
         real_sleep(min(seconds, interval))
 
-    loop.time = types.SimpleNamespace(  # type: ignore[assignment]
-        **{name: getattr(time, name) for name in dir(time) if not name.startswith("_")},
-        sleep=capped_sleep,
-    )
+    members = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    members["sleep"] = capped_sleep
+    loop.time = types.SimpleNamespace(**members)  # type: ignore[assignment]
+
+
+#: Third-party modules a warm launcher imports once (never project modules: every ClientApp
+#: must import ``client``, ``server`` and ``sic_core`` from the app bundle it was sent).
+WARM_MODULES = (
+    "numpy",
+    "torch",
+    "torchvision",
+    "torchvision.models",
+    "torchvision.ops",
+    "bcos",
+    "bcos.modules",
+    "sklearn.cluster",
+    "monai",
+    "monai.data",
+    "monai.transforms",
+    "pydicom",
+    "PIL.Image",
+    "yaml",
+    "pydantic",
+    "opacus",
+    "rich",
+    "flwr.clientapp",
+    "flwr.supernode.cli.flwr_clientapp",
+)
+
+_LAUNCHER = """\
+import importlib, json, os, signal, socket, sys
+
+address, parent = sys.argv[1], os.getppid()
+for name in sys.argv[2:]:
+    try:
+        importlib.import_module(name)
+    except Exception as error:  # an optional module missing only costs import time later
+        print(f"warm launcher: cannot preload {name}: {error}", file=sys.stderr)
+from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind("\\0" + address)
+server.listen(16)
+server.settimeout(1.0)
+while os.getppid() == parent:  # exit with the SuperNode
+    try:
+        conn, _ = server.accept()
+    except TimeoutError:
+        continue
+    with conn:
+        conn.settimeout(10.0)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+        request = json.loads(data)
+        pid = os.fork()
+        if pid == 0:
+            server.close()
+            conn.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.chdir(request["cwd"])
+            os.environ.clear()
+            os.environ.update(request["env"])
+            sys.argv = ["flwr-clientapp", *request["args"]]
+            code = 1
+            try:
+                flwr_clientapp()
+                code = 0
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        conn.sendall(str(pid).encode())
+"""
+
+_SHIM = """\
+#!{python} -IS
+# flwr-clientapp for the warm launcher of site {site}: hands the launch to the launcher and
+# falls back to a cold start if the launcher does not answer.
+import json, os, socket, sys, time
+
+request = json.dumps(
+    {{"args": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd()}}
+).encode()
+for _ in range(50):
+    try:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.connect("\\0{address}")
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    os.execv({cold!r}, [{cold!r}, *sys.argv[1:]])
+connection.sendall(request)
+connection.shutdown(socket.SHUT_WR)
+connection.recv(64)
+"""
+
+
+def start_warm_launcher(folder: Path, site: str) -> subprocess.Popen:
+    """Start a launcher that forks ClientApp processes with heavy libraries already loaded.
+
+    Flower starts a new ``flwr-clientapp`` process for every message; importing torch,
+    MONAI and scikit-learn takes most of each one's life (tens of seconds on a busy CPU).
+    The launcher imports :data:`WARM_MODULES` once and forks a child per message that runs
+    ``flwr-clientapp`` unchanged (the app itself still comes from the bundle the message
+    belongs to). ``folder/bin/flwr-clientapp`` is a shim that hands each launch to it; put
+    ``folder/bin`` first on ``PATH`` before starting the SuperNode. The launcher exits with
+    its parent.
+    """
+    address = f"sicfed-{site}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    launcher = folder / "warm_launcher.py"
+    launcher.write_text(_LAUNCHER)
+    shim = bin_dir / "flwr-clientapp"
+    cold = str(Path(sys.executable).parent / "flwr-clientapp")
+    shim.write_text(_SHIM.format(python=sys.executable, site=site, address=address, cold=cold))
+    shim.chmod(0o755)
+    # -I: the launcher must not see the checkout (no project module may be preloaded).
+    return subprocess.Popen([sys.executable, "-I", str(launcher), address, *WARM_MODULES])
 
 
 def supernode_argv(
@@ -145,6 +276,13 @@ def join(
     prepare: Annotated[
         bool, typer.Option(help="Load (and cache) the site's data before connecting.")
     ] = True,
+    warm: Annotated[
+        bool,
+        typer.Option(
+            help="Fork each ClientApp from a launcher with torch, MONAI and scikit-learn "
+            "already imported (--cold: Flower's fresh process per message)."
+        ),
+    ] = True,
 ) -> None:
     """Join a federation: start this site's Flower SuperNode.
 
@@ -181,6 +319,10 @@ def join(
     )
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    if warm:
+        launcher = start_warm_launcher(home / "warm", config.name)
+        atexit.register(launcher.terminate)
+        os.environ["PATH"] = f"{home / 'warm' / 'bin'}{os.pathsep}{os.environ['PATH']}"
     if poll_interval < FLOWER_POLL_SECONDS:
         shorten_fleet_polling(poll_interval)
     sys.argv = supernode_argv(
@@ -191,6 +333,10 @@ def join(
         root_certificates=root_certificates,
         auth_key=auth_key,
     )
+    # Flower logs through its own console handler; keep its lines (and every HTTP poll of
+    # httpx) out of the CLI's root handler.
+    logging.getLogger("flwr").propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     console.print(f"Site [bold]{config.name}[/] joining {superlink} (FLWR_HOME={home})")
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -45,7 +45,9 @@ def incoming(message_type: str, *, server_round: int = 1, with_support: bool = T
     """A message as the server sends it (weights, support set, round config)."""
     arrays, _ = initial_weights(SETTINGS)
     train_config, evaluate_config = round_configs(SETTINGS)
-    config = ConfigRecord(dict(train_config if message_type == MessageType.TRAIN else evaluate_config))
+    config = ConfigRecord(
+        dict(train_config if message_type == MessageType.TRAIN else evaluate_config)
+    )
     config["server-round"] = server_round
     content = RecordDict({str(RecordKey.ARRAYS): arrays, str(RecordKey.CONFIG): config})
     if with_support:
@@ -77,7 +79,9 @@ def test_train_reply_has_the_fixed_schema_unit_filters_and_the_site_name(site: P
     sent = message.content[str(RecordKey.ARRAYS)]
     returned = reply.content[str(RecordKey.ARRAYS)]
     assert set(returned.keys()) == set(sent.keys())
-    conv = next(key for key in returned.keys() if key.endswith("weight") and returned[key].numpy().ndim == 4)
+    conv = next(
+        key for key in returned if key.endswith("weight") and returned[key].numpy().ndim == 4
+    )
     filters = returned[conv].numpy()
     norms = np.linalg.norm(filters.reshape(filters.shape[0], -1), axis=1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)

@@ -42,8 +42,9 @@ def run_config_defaults() -> dict:
     return dict(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
 
 
-def derived_site(source: Path, target: Path, name: str, *, keep_label: int | None = None,
-                 image_size: int = SIZE) -> Path:
+def derived_site(
+    source: Path, target: Path, name: str, *, keep_label: int | None = None, image_size: int = SIZE
+) -> Path:
     """A site reading ``source``'s DICOM files with another name, label subset or size."""
     target.mkdir(parents=True)
     config = yaml.safe_load((source / "site.yaml").read_text())
@@ -112,7 +113,9 @@ def test_run_completes_with_checkpoints_and_round_log(federation: Federation) ->
         assert state["support_vectors"].shape == (6, 128)
         assert set(state["sites"].values()) >= {*REAL_SITES, "site_nonodule", "site_bad"}
         assert "python" in state["rng"]
-    leftovers = [p.name for p in federation.files.checkpoint_dir.iterdir() if p.name.startswith(".")]
+    leftovers = [
+        p.name for p in federation.files.checkpoint_dir.iterdir() if p.name.startswith(".")
+    ]
     assert leftovers == []
 
 
@@ -143,7 +146,9 @@ def test_site_without_a_class_trains_and_keeps_the_global_supports(federation: F
 
 
 def test_site_state_persists_across_rounds(federation: Federation) -> None:
-    node = next(n for n, c in federation.grid.contexts.items() if "site_a" in c.node_config["site-config"])
+    node = next(
+        n for n, c in federation.grid.contexts.items() if "site_a" in c.node_config["site-config"]
+    )
     progress = federation.grid.contexts[node].state[STATE_PROGRESS]
     assert progress["rounds-trained"] == ROUNDS
     assert progress["last-eval-round"] == ROUNDS

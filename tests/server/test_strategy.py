@@ -50,6 +50,7 @@ def train_metrics(num_examples: int, loss: float = 0.5) -> MetricRecord:
             str(TrainMetric.LOSS): loss,
             str(TrainMetric.EPOCHS): 1,
             str(TrainMetric.SECONDS): 0.1,
+            str(TrainMetric.STARTUP): 1.0,
             str(TrainMetric.QUARANTINED): 0,
             str(TrainMetric.DP_EPSILON): 0.0,
         }
@@ -286,6 +287,7 @@ def stats_reply(message: Message, site: str, sums: np.ndarray, counts: np.ndarra
                         str(SupportMetric.NUM_EXAMPLES): int(counts.sum()),
                         str(SupportMetric.CLASSES_PRESENT): int((counts.sum(1) > 0).sum()),
                         str(SupportMetric.SECONDS): 0.1,
+                        str(SupportMetric.STARTUP): 1.0,
                     }
                 ),
                 str(RecordKey.SITE): ConfigRecord({str(SiteKey.NAME): site}),

@@ -1,0 +1,112 @@
+"""A real deployment on loopback: SuperLink, two SuperNodes, MLflow server, two rounds.
+
+Starts the processes the way ``python -m server demo`` does, submits the staged app with
+``flwr run``, follows the run to the end, then checks Flower's run status, the checkpoints,
+the per-site metrics in MLflow, and that every process started (and every process those
+started) is gone afterwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from client.synth import generate_synthcxr
+from server.commands.demo import wait_for_sites
+from server.coordinator import (
+    Coordinator,
+    follow_run,
+    free_port,
+    start_mlflow,
+    start_site,
+    start_superlink,
+    submit,
+)
+from server.flower_cli import run_info
+from server.processes import ProcessGroup, pid_alive, process_tree, wait_http_ok
+from server.tracking import experiment_name
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
+
+SITES = ("site_a", "site_b")
+ROUNDS = 2
+
+
+def test_two_sites_two_rounds_on_a_real_superlink(tmp_path: Path) -> None:
+    data = generate_synthcxr(tmp_path / "sites", preset="easy", size=32, scale=0.1, seed=0)
+    coordinator = Coordinator(tmp_path / "coordinator")
+    started_pids: set[int] = set()
+
+    def watch(group: ProcessGroup) -> None:
+        group.check_alive()
+        for managed in group.processes:
+            started_pids.update(process_tree(managed.pid))
+
+    with ProcessGroup() as group:
+        tracking_uri = start_mlflow(
+            group,
+            coordinator.mlflow_dir,
+            port=free_port(5000),
+            log_path=coordinator.logs / "mlflow.log",
+        )
+        mlflow = group.processes[-1]
+        address, _ = start_superlink(group, coordinator, port=free_port(8000))
+        for index, name in enumerate(SITES):
+            start_site(
+                group,
+                data / name / "site.yaml",
+                name=name,
+                superlink=address,
+                port=free_port(9094 + index),
+                log_path=coordinator.logs / f"{name}.log",
+                poll_interval=0.25,
+                threads=1,
+            )
+        wait_for_sites(coordinator, len(SITES), timeout=240, group=group)
+        wait_http_ok(f"{tracking_uri}/health", timeout=240, process=mlflow)
+        run_id = submit(
+            coordinator,
+            {
+                "rounds": ROUNDS,
+                "image-size": 32,
+                "local-epochs": 1,
+                "batch-size": 16,
+                "min-sites": len(SITES),
+                "tracking-uri": tracking_uri,
+                "study": "integration",
+            },
+            staging_parent=tmp_path,
+        )
+        outcome = follow_run(
+            coordinator,
+            run_id,
+            run_dir=coordinator.home,
+            on_round=lambda _entry: watch(group),
+            timeout=420,
+            check=lambda: watch(group),
+        )
+        assert run_info(run_id, coordinator.flwr_home)["status"] == "finished:completed"
+
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name("integration"))
+        runs = client.search_runs([experiment.experiment_id])
+        by_name = {run.info.run_name: run for run in runs}
+        parent = by_name[f"fed-{run_id}"]
+        for site in SITES:
+            child = by_name[f"site-{site}"]
+            assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            history = client.get_metric_history(child.info.run_id, "perf/auroc")
+            assert sorted(metric.step for metric in history) == list(range(1, ROUNDS + 1))
+            assert client.get_metric_history(child.info.run_id, "train/loss")
+        assert len(client.get_metric_history(parent.info.run_id, "perf/mean_site_auroc")) == ROUNDS
+        watch(group)
+
+    assert outcome.status == "completed"
+    assert [entry["round"] for entry in outcome.rounds] == list(range(1, ROUNDS + 1))
+    checkpoints = coordinator.home / "checkpoints" / str(run_id)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["round_001.pt", "round_002.pt"]
+    assert len(started_pids) > 8  # Flower's helper processes were seen and tracked
+    still_running = sorted(pid for pid in started_pids if pid_alive(pid))
+    assert still_running == []
