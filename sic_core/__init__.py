@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from sic_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from sic_core.encoders import create_encoder, list_encoders, register_encoder
     from sic_core.errors import ConfigError, DataError, PrivacyBudgetError, SicfedError, SiteError
-    from sic_core.explain import (
+    from sic_core.explanations import (
         Explanation,
         SupportExplanation,
         colour_explanation,
@@ -54,12 +54,12 @@ _EXPORTS: dict[str, str] = {
     "PrivacyBudgetError": "sic_core.errors",
     "SicfedError": "sic_core.errors",
     "SiteError": "sic_core.errors",
-    "Explanation": "sic_core.explain",
-    "SupportExplanation": "sic_core.explain",
-    "colour_explanation": "sic_core.explain",
-    "explain": "sic_core.explain",
-    "explain_support": "sic_core.explain",
-    "explanation_mode": "sic_core.explain",
+    "Explanation": "sic_core.explanations",
+    "SupportExplanation": "sic_core.explanations",
+    "colour_explanation": "sic_core.explanations",
+    "explain": "sic_core.explanations",
+    "explain_support": "sic_core.explanations",
+    "explanation_mode": "sic_core.explanations",
     "unit_filter_state_dict": "sic_core.federated",
     "ModelConfig": "sic_core.model",
     "SICModel": "sic_core.model",

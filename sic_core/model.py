@@ -94,7 +94,7 @@ class SICModel(nn.Module):
     logit_bias
         ``b = -log(max(C - 1, 2))``.
     explaining
-        True inside :func:`sic_core.explain.explanation_mode` (dynamic scales detached).
+        True inside :func:`sic_core.explanations.explanation_mode` (dynamic scales detached).
     """
 
     support_vectors: Tensor

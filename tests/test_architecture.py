@@ -1,11 +1,10 @@
-"""Import direction: sic_core imports nothing from client/ or server/; they never import each other."""
+"""Imports: sic_core never imports client/ or server/, nor they each other; errors load fast."""
 
 from __future__ import annotations
 
 import ast
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 import pytest
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sic_core.explain import Explanation
+from sic_core.explanations import Explanation
 
 __all__ = [
     "completeness_max_rel_err",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sic_core.explain import explain
+from sic_core.explanations import explain
 from sic_core.metrics.maps import spearman
 from sic_core.model import SICModel
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sic_core import create_model, explain, explain_support, explanation_mode, list_encoders
-from sic_core.explain import colour_explanation
+from sic_core.explanations import colour_explanation
 
 ENCODER_SIZES = {"bcos_cnn_small": {}, "bcos_resnet18": {"width": 8}}
 
