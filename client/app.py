@@ -3,10 +3,12 @@
 A site runs this for every message (Flower starts a fresh process per message, so the site's
 data come from the on-disk cache of :func:`client.data.load_site_data`):
 
-- ``train``: local SIC training from the global weights; replies with the weights (B-cos
+- ``train``: local SIC training from the global weights (DP-SGD against the global support
+  set when the run or the site's config asks for DP); replies with the weights (B-cos
   filters at unit length) and one fixed-schema ``MetricRecord`` (:class:`TrainMetric`);
 - ``query.support``: per-class cluster sums and counts of the site's training embeddings
-  under the global weights (:class:`SupportMetric`);
+  under the global weights (:class:`SupportMetric`; under DP the noised release around the
+  global support set);
 - ``evaluate``: global weights and support set, site-local nearest-image supports, AUROC,
   balanced accuracy and loss on the validation split (:class:`EvalMetric`); a JSON report
   per round stays in the site's state folder.
@@ -41,15 +43,18 @@ from flwr.clientapp import ClientApp
 from client.config import SiteConfig, load_site_config
 from client.data import load_site_data, training_augmentation
 from client.mods import sanitise_errors
+from client.privacy.ledger import PrivacyLedger
 from client.training import (
     ModelSpec,
     RoundSettings,
     build_model,
     config_value,
     evaluate_locally,
+    private_support_statistics,
     support_from_record,
     support_statistics,
     train_locally,
+    train_privately,
     weights_record,
 )
 from sic_core.errors import ConfigError, SiteError
@@ -141,6 +146,19 @@ def _progress(context: Context) -> ConfigRecord:
     return record
 
 
+def uses_dp(requested: bool, config: SiteConfig) -> bool:
+    """DP applies if the run asks for it or the site's own config enables it."""
+    return requested or config.privacy.enabled
+
+
+def _ledger(config: SiteConfig) -> PrivacyLedger:
+    return PrivacyLedger.in_state_dir(
+        Path(config.state_dir),
+        delta=config.privacy.target_delta,
+        max_epsilon=config.privacy.max_epsilon,
+    )
+
+
 def _spec(message: Message, config: SiteConfig, source: str) -> tuple[ConfigRecord, ModelSpec]:
     round_config = _record(message, RecordKey.CONFIG, ConfigRecord)
     spec = ModelSpec.from_config(round_config)
@@ -166,13 +184,22 @@ def train(message: Message, context: Context) -> Message:
     data = load_site_data(config)
     split = data.split("train")
     augmentation = training_augmentation(config)
-    history = train_locally(
-        model,
-        split.images,
-        split.labels,
-        settings,
-        augment=(lambda batch, _: augmentation(batch, {})[0]) if augmentation.enabled else None,
-    )
+    augment = (lambda batch, _: augmentation(batch, {})[0]) if augmentation.enabled else None
+    epsilon = 0.0
+    if uses_dp(settings.dp, config):
+        history, epsilon = train_privately(
+            model,
+            split.images,
+            split.labels,
+            settings,
+            support,
+            privacy=config.privacy,
+            ledger=_ledger(config),
+            run_id=str(context.run_id),
+            augment=augment,
+        )
+    else:
+        history = train_locally(model, split.images, split.labels, settings, augment=augment)
     weights = weights_record(model)
     progress = _progress(context)
     progress["rounds-trained"] = int(progress["rounds-trained"]) + 1
@@ -192,7 +219,7 @@ def train(message: Message, context: Context) -> Message:
         str(TrainMetric.SECONDS): time.perf_counter() - started,
         str(TrainMetric.STARTUP): startup,
         str(TrainMetric.QUARANTINED): int(sum(data.quarantine_counts.values())),
-        str(TrainMetric.DP_EPSILON): 0.0,
+        str(TrainMetric.DP_EPSILON): epsilon,
     }
     return _reply(message, config, metrics, **{str(RecordKey.ARRAYS): weights})
 
@@ -208,8 +235,21 @@ def support(message: Message, context: Context) -> Message:
     model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), None)
     split = load_site_data(config).split("train")
     seed = int(config_value(round_config, ConfigKey.SEED, int))
-    stats = support_statistics(model, split.images, split.labels, seed=seed)
-    present = int((stats.counts.sum(dim=1) > 0).sum())
+    if uses_dp(bool(config_value(round_config, ConfigKey.DP, bool)), config):
+        stats = private_support_statistics(
+            model,
+            split.images,
+            split.labels,
+            support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec),
+            privacy=config.privacy,
+            ledger=_ledger(config),
+            run_id=str(context.run_id),
+            server_round=int(config_value(round_config, ConfigKey.SERVER_ROUND, int)),
+            seed=seed,
+        )
+    else:
+        stats = support_statistics(model, split.images, split.labels, seed=seed)
+    present = int((split.labels.bincount(minlength=spec.num_classes) > 0).sum())
     metrics = {
         str(SupportMetric.NUM_EXAMPLES): int(split.labels.shape[0]),
         str(SupportMetric.CLASSES_PRESENT): present,

@@ -5,8 +5,10 @@ The ClientApp (:mod:`client.app`) turns messages into calls of these functions:
 - :func:`build_model` rebuilds the global model from the message's weights and support set;
 - :func:`train_locally` runs SIC training (:func:`sic_core.training.train_sic`) from the
   global weights, with FedProx's proximal term when the server asks for it;
+- :func:`train_privately` does the same with DP-SGD (Opacus) against the fixed global
+  support set, checking and recording the site's privacy ledger;
 - :func:`support_statistics` computes per-class cluster sums and counts of the site's
-  training embeddings;
+  training embeddings (:func:`private_support_statistics`: the DP release);
 - :func:`evaluate_locally` swaps each global support vector for the site's nearest real
   training image (the reference's "closest" rule, applied locally) and scores the site's
   validation split.
@@ -23,6 +25,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from torch import Tensor
 
+from client.config import PrivacyConfig
+from client.privacy.dp_sgd import plan_dp_sgd, train_dp_sgd, validate_for_dp
+from client.privacy.ledger import PrivacyLedger
+from client.privacy.support_release import plan_support_release, private_cluster_statistics
 from sic_core import SICModel, create_model, unit_filter_state_dict
 from sic_core.errors import ConfigError, SiteError
 from sic_core.head import sic_loss
@@ -44,9 +50,11 @@ __all__ = [
     "build_model",
     "config_value",
     "evaluate_locally",
+    "private_support_statistics",
     "support_from_record",
     "support_statistics",
     "train_locally",
+    "train_privately",
     "weights_record",
 ]
 
@@ -111,6 +119,7 @@ class RoundSettings:
     lr: float
     batch_size: int
     seed: int
+    anchor_rounds: int = 1
     proximal_mu: float = 0.0
     dp: bool = False
 
@@ -126,6 +135,7 @@ class RoundSettings:
             lr=float(config_value(config, ConfigKey.LR, float)),
             batch_size=int(config_value(config, ConfigKey.BATCH_SIZE, int)),
             seed=int(config_value(config, ConfigKey.SEED, int)),
+            anchor_rounds=int(config_value(config, ConfigKey.ANCHOR_ROUNDS, int)),
             proximal_mu=float(proximal),
             dp=bool(config_value(config, ConfigKey.DP, bool)),
         )
@@ -227,9 +237,8 @@ def train_locally(
     settings: RoundSettings,
     *,
     augment: Augment | None = None,
-    anchor_rounds: int = 1,
 ) -> TrainHistory:
-    """Train the global model on this site's training split for one round.
+    """Train the global model on this site's training split for one round (no DP).
 
     Parameters
     ----------
@@ -242,15 +251,18 @@ def train_locally(
     augment
         ``augment(batch, generator) -> batch`` applied to query images (the site's
         training augmentation), or ``None``.
-    anchor_rounds
-        In the first ``anchor_rounds`` rounds every local epoch trains against the public,
-        seeded class anchors (:func:`sic_core.support.anchor_support`), identical at every
-        site, which spreads the embeddings of a randomly initialised encoder; later rounds
-        train episodically, as the reference SIC does.
+
+    Notes
+    -----
+    In the first ``settings.anchor_rounds`` rounds every local epoch trains against the
+    public, seeded class anchors (:func:`sic_core.support.anchor_support`), identical at
+    every site, which spreads the embeddings of a randomly initialised encoder; later rounds
+    train episodically, as the reference SIC does. Each round's schedule has no warm-up
+    (the global model is already warm after round 1).
     """
     if images.shape[0] == 0:
         raise SiteError("the training split is empty", reason="no_training_data")
-    anchored = settings.server_round <= anchor_rounds
+    anchored = settings.server_round <= settings.anchor_rounds
     config = TrainConfig(
         epochs=settings.local_epochs,
         lr=settings.lr,
@@ -266,12 +278,102 @@ def train_locally(
     return history
 
 
+def _dp_train_config(settings: RoundSettings) -> TrainConfig:
+    return TrainConfig(
+        epochs=settings.local_epochs,
+        lr=settings.lr,
+        warmup_epochs=0.0,
+        anchor_epochs=0,
+        batch_size=settings.batch_size,
+        seed=settings.seed + settings.server_round,
+    )
+
+
+def train_privately(
+    model: SICModel,
+    images: Tensor,
+    labels: Tensor,
+    settings: RoundSettings,
+    global_support: SupportSet,
+    *,
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    run_id: str,
+    augment: Augment | None = None,
+) -> tuple[TrainHistory, float]:
+    """One round of DP-SGD against the fixed global support; return history and ε spent.
+
+    The round's mechanism is checked against the site's budget before training
+    (``PrivacyBudgetError``, code ``privacy_budget_exhausted``, if it would exceed
+    ``privacy.max_epsilon``) and recorded in the ledger after training, before anything
+    trained leaves the site.
+    """
+    if images.shape[0] == 0:
+        raise SiteError("the training split is empty", reason="no_training_data")
+    config = _dp_train_config(settings)
+    plan = plan_dp_sgd(
+        int(images.shape[0]),
+        config,
+        noise_multiplier=privacy.noise_multiplier,
+        run_id=run_id,
+        round_=settings.server_round,
+    )
+    ledger.check_budget([plan])
+    validate_for_dp(model, global_support)
+    history = train_dp_sgd(
+        model,
+        images,
+        labels,
+        global_support,
+        config,
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        augment=augment,
+    )
+    ledger.record([plan])
+    if not math.isfinite(history.final_loss):
+        raise SiteError("local training diverged (non-finite loss)", reason="training_diverged")
+    return history, ledger.epsilon
+
+
 def support_statistics(
     model: SICModel, images: Tensor, labels: Tensor, *, seed: int
 ) -> ClusterStatistics:
     """Per-class k-means cluster sums ``(C, n_shot, D)`` and counts ``(C, n_shot)``."""
     embeddings = embed_all(model, images)
     return cluster_statistics(embeddings, labels, model.num_classes, model.n_shot, seed=seed)
+
+
+def private_support_statistics(
+    model: SICModel,
+    images: Tensor,
+    labels: Tensor,
+    global_support: SupportSet,
+    *,
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    run_id: str,
+    server_round: int,
+    seed: int,
+) -> ClusterStatistics:
+    """The DP support release: noised sums and counts around the global support vectors.
+
+    Checked against the budget first and recorded in the ledger before it is returned.
+    """
+    plan = plan_support_release(
+        noise_multiplier=privacy.support_noise_multiplier, run_id=run_id, round_=server_round
+    )
+    ledger.check_budget([plan])
+    statistics = private_cluster_statistics(
+        embed_all(model, images),
+        labels,
+        global_support,
+        clip_norm=privacy.support_clip_norm,
+        noise_multiplier=privacy.support_noise_multiplier,
+        generator=torch.Generator().manual_seed(seed + server_round),
+    )
+    ledger.record([plan])
+    return statistics
 
 
 @dataclass(frozen=True)

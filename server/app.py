@@ -20,7 +20,7 @@ from server.settings import RunSettings
 from server.sites import SiteDirectory
 from server.strategy import SicStrategy, make_aggregator
 from server.tracking import MlflowTracker
-from sic_core import create_model, unit_filter_state_dict
+from sic_core import anchor_support, create_model, unit_filter_state_dict
 from sic_core.errors import SicfedError
 from sic_core.wire import SUPPORT_BUFFER_KEYS, ConfigKey
 
@@ -63,9 +63,12 @@ def round_configs(settings: RunSettings) -> tuple[ConfigRecord, ConfigRecord]:
             str(ConfigKey.BATCH_SIZE): settings.batch_size,
             str(ConfigKey.SEED): settings.seed,
             str(ConfigKey.DP): settings.dp,
+            str(ConfigKey.ANCHOR_ROUNDS): settings.anchor_rounds,
         }
     )
-    evaluate = ConfigRecord({**spec, str(ConfigKey.SEED): settings.seed})
+    evaluate = ConfigRecord(
+        {**spec, str(ConfigKey.SEED): settings.seed, str(ConfigKey.DP): settings.dp}
+    )
     return train, evaluate
 
 
@@ -100,6 +103,9 @@ def main(grid: Grid, context: Context) -> None:
     np.random.seed(settings.seed)
     arrays, model_config = initial_weights(settings)
     strategy = build_strategy(settings)
+    strategy.support = anchor_support(
+        settings.num_classes, settings.n_shot, settings.proj_dim, seed=settings.seed
+    )
     strategy.summary()
     train_config, evaluate_config = round_configs(settings)
     files = RunFiles(settings.resolved_run_dir(), context.run_id)

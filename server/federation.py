@@ -1,7 +1,6 @@
 """The round loop of a SIC federation: train, support, evaluate, checkpoint, track.
 
-Before round 1 a support phase under the initial weights gives the first global support set
-(and every site's name). Each round then
+The first global support set is given (the public, seeded class anchors). Each round then
 
 1. **train**: sampled sites train locally from the global weights and support set; replies
    are validated, attributed, sorted by site and aggregated by the strategy;
@@ -140,7 +139,8 @@ def run_federation(
     grid
         The ServerApp's grid (or a test double).
     strategy
-        The SIC strategy (aggregation, validation, support merge).
+        The SIC strategy (aggregation, validation, support merge), with its initial
+        support set.
     initial_arrays
         Initial global weights (support buffers excluded).
     num_rounds
@@ -161,7 +161,7 @@ def run_federation(
     Raises
     ------
     FederationError
-        If no site answers the initial support query.
+        If the strategy has no initial support set.
     """
     sites = strategy.sites
 
@@ -169,13 +169,9 @@ def run_federation(
         result = exchange(grid, messages, sites=sites, timeout=timeout, poll_interval=poll_interval)
         return result.replies
 
+    if strategy.support is None:
+        raise FederationError("the strategy needs an initial support set (e.g. the anchors)")
     arrays = initial_arrays
-    support_config = ConfigRecord(dict(evaluate_config))
-    replies = send(strategy.configure_support(0, arrays, support_config, grid))
-    if strategy.aggregate_support(0, replies) is None:
-        raise FederationError("no site answered the initial support query")
-    log.info("sites: %s", ", ".join(sorted(sites.names.values())))
-
     result = FederationResult(arrays=arrays)
     for server_round in range(1, num_rounds + 1):
         started = time.monotonic()

@@ -38,7 +38,11 @@ class RunSettings(BaseModel):
     seed
         Seeds node sampling, the initial model and the support merge.
     dp
-        Train with DP-SGD at the sites (each site's own privacy settings apply).
+        Train with DP-SGD at the sites (each site's own privacy settings apply; a site whose
+        config enables privacy trains with DP regardless).
+    anchor_rounds
+        First rounds in which sites train against the public class anchors (spreads the
+        embeddings of a randomly initialised encoder); later rounds train episodically.
     max_update_norm
         Reject train replies whose update norm exceeds this (0 disables).
     round_timeout, node_wait, poll_interval
@@ -70,6 +74,7 @@ class RunSettings(BaseModel):
     min_sites: int = Field(2, ge=1, alias="min-sites")
     seed: int = Field(0, ge=0)
     dp: bool = False
+    anchor_rounds: int = Field(1, ge=0, alias="anchor-rounds")
     max_update_norm: float = Field(0.0, ge=0, alias="max-update-norm")
     round_timeout: float = Field(900.0, gt=0, alias="round-timeout")
     node_wait: float = Field(120.0, gt=0, alias="node-wait")

@@ -274,7 +274,7 @@ class SicStrategy(Strategy):
 
     def _with_support(self, messages: Iterable[Message]) -> list[Message]:
         if self.support is None:
-            raise RuntimeError("the support phase must run before train or evaluate")
+            raise RuntimeError("the strategy has no support set yet (set the initial anchors)")
         record = support_record(self.support)
         messages = list(messages)
         for message in messages:
@@ -296,16 +296,20 @@ class SicStrategy(Strategy):
     def configure_support(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
-        """Ask every connected site for cluster statistics under the weights ``arrays``."""
+        """Ask every connected site for cluster statistics under the weights ``arrays``.
+
+        The current global support set travels along: under DP the sites assign their
+        embeddings to it instead of clustering locally.
+        """
         self._wait(grid)
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         nodes = sorted(grid.get_node_ids())
         content = RecordDict({str(RecordKey.ARRAYS): arrays, str(RecordKey.CONFIG): config})
-        messages = [
+        messages = self._with_support(
             Message(content=content, dst_node_id=node, message_type=SUPPORT_MESSAGE_TYPE)
             for node in nodes
-        ]
+        )
         self._expected[Phase.SUPPORT] = nodes
         return messages
 

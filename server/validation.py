@@ -160,8 +160,12 @@ def check_train_reply(
 def check_support_reply(
     content: RecordDict, *, num_classes: int, n_shot: int, dim: int
 ) -> Rejection | None:
-    """Check a ``query.support`` reply: per-class cluster sums ``(C, n_shot, D)`` and
-    non-negative counts ``(C, n_shot)``, both float32 and finite."""
+    """Check a ``query.support`` reply: per-class cluster sums ``(C, n_shot, D)`` and counts
+    ``(C, n_shot)``, both float32 and finite.
+
+    Counts may be fractional or negative (Gaussian noise under DP); the merge ignores
+    clusters with fewer than one image.
+    """
     problem = _site_and_metrics(content, SUPPORT_METRIC_KEYS, str(SupportMetric.NUM_EXAMPLES))
     if problem is not None:
         return problem
@@ -172,8 +176,6 @@ def check_support_reply(
     arrays, problem = _arrays_match(content.get(str(RecordKey.STATS)), expected, "stats")
     if problem is not None or arrays is None:
         return problem
-    if (arrays[str(ArrayKey.COUNTS)] < 0).any():
-        return Rejection("bad_count", "cluster counts must be non-negative")
     return None
 
 

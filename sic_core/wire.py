@@ -8,7 +8,8 @@ One round exchanges three messages per site (server -> site | site -> server):
 - ``train``: ``arrays`` (global weights), ``support`` (global support), ``config`` |
   ``arrays`` (weights, B-cos filters at unit length), ``metrics`` (:class:`TrainMetric`),
   ``site``.
-- ``query.support``: ``arrays``, ``config`` | ``stats`` (per-class cluster sums and counts),
+- ``query.support``: ``arrays``, ``support``, ``config`` | ``stats`` (per-class cluster sums
+  and counts),
   ``metrics`` (:class:`SupportMetric`), ``site``.
 - ``evaluate``: ``arrays``, ``support``, ``config`` | ``metrics`` (:class:`EvalMetric`),
   ``site``.
@@ -70,7 +71,8 @@ class ArrayKey(StrEnum):
     LABELS = "labels"
     #: ``(C, n_shot, D)`` float32 per-class cluster sums of a site's embeddings.
     SUMS = "sums"
-    #: ``(C, n_shot)`` float32 number of images in each cluster.
+    #: ``(C, n_shot)`` float32 number of images in each cluster (Gaussian-noised under DP,
+    #: so possibly fractional or negative).
     COUNTS = "counts"
 
 
@@ -101,6 +103,8 @@ class ConfigKey(StrEnum):
     PROXIMAL_MU = "proximal-mu"
     #: Train with DP-SGD against the fixed global support (bool).
     DP = "dp"
+    #: Rounds (from the first) whose local epochs train against the public class anchors.
+    ANCHOR_ROUNDS = "anchor-rounds"
 
 
 class SiteKey(StrEnum):

@@ -163,3 +163,42 @@ def test_missing_node_config_is_a_config_error_without_a_name() -> None:
 def test_message_without_support_set_is_an_invalid_message(site: Path) -> None:
     reply = app(incoming(MessageType.TRAIN, with_support=False), context_for(site))
     assert reply.error.reason == "invalid_message@site_x"
+
+
+def private_site(root: Path, name: str, **privacy: float) -> Path:
+    site = write_site(root, name, size=SIZE)
+    config = yaml.safe_load(site.read_text())
+    config["privacy"] = {"enabled": True, "noise_multiplier": 1.0, **privacy}
+    site.write_text(yaml.safe_dump(config))
+    return site
+
+
+def test_dp_training_records_its_mechanism_and_reports_epsilon(tmp_path: Path) -> None:
+    site = private_site(tmp_path, "site_dp", max_epsilon=50.0)
+    context = context_for(site)
+    first = app(incoming(MessageType.TRAIN, server_round=1), context)
+    assert not first.has_error(), first.error
+    epsilon_1 = first.content[str(RecordKey.METRICS)]["dp.epsilon"]
+    second = app(incoming(MessageType.TRAIN, server_round=2), context)
+    epsilon_2 = second.content[str(RecordKey.METRICS)]["dp.epsilon"]
+    assert 0 < epsilon_1 < epsilon_2  # the budget adds up across rounds (and processes)
+    ledger = yaml.safe_load((site.parent / "state" / "privacy_ledger.json").read_text())
+    assert [m["round"] for m in ledger["mechanisms"]] == [1, 2]
+
+
+def test_dp_site_refuses_a_round_beyond_its_budget(tmp_path: Path) -> None:
+    site = private_site(tmp_path, "site_poor", max_epsilon=0.01)
+    reply = app(incoming(MessageType.TRAIN), context_for(site))
+    assert reply.error.reason == "privacy_budget_exhausted@site_poor"
+    assert not (site.parent / "state" / "privacy_ledger.json").exists()
+
+
+def test_dp_support_release_is_noised_around_the_global_support(tmp_path: Path) -> None:
+    site = private_site(tmp_path, "site_dps", max_epsilon=50.0)
+    reply = app(incoming(SUPPORT_MESSAGE_TYPE, with_support=True), context_for(site))
+    assert not reply.has_error(), reply.error
+    counts = reply.content[str(RecordKey.STATS)][str(ArrayKey.COUNTS)].numpy()
+    assert not np.allclose(counts, np.round(counts))  # Gaussian noise on the counts
+    assert reply.content[str(RecordKey.METRICS)]["support.classes-present"] == 2
+    ledger = yaml.safe_load((site.parent / "state" / "privacy_ledger.json").read_text())
+    assert [m["kind"] for m in ledger["mechanisms"]] == ["support"]

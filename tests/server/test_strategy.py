@@ -284,7 +284,7 @@ def stats_reply(message: Message, site: str, sums: np.ndarray, counts: np.ndarra
                 ),
                 str(RecordKey.METRICS): MetricRecord(
                     {
-                        str(SupportMetric.NUM_EXAMPLES): int(counts.sum()),
+                        str(SupportMetric.NUM_EXAMPLES): int(np.nansum(counts)),
                         str(SupportMetric.CLASSES_PRESENT): int((counts.sum(1) > 0).sum()),
                         str(SupportMetric.SECONDS): 0.1,
                         str(SupportMetric.STARTUP): 1.0,
@@ -324,18 +324,39 @@ def test_support_merge_uses_only_sites_that_have_the_class() -> None:
     assert [o.site for o in strategy.reports["support"].ok] == ["site_a", "site_b"]
 
 
-def test_support_reply_with_negative_counts_is_rejected() -> None:
+def test_support_reply_with_nan_counts_is_rejected_but_noisy_counts_are_merged() -> None:
+    """DP-noised counts may be fractional or negative; NaN never is."""
+    sums = np.array([[[2, 0, 0], [0, 2, 0]], [[0, 0, 2], [0, 0, 4]]], np.float32)
+
     def app(message: Message, context: Context) -> Message:
-        counts = np.array([[1, -1], [1, 1]], np.float32)
-        return stats_reply(message, NODES[context.node_id], np.zeros((2, 2, 3)), counts)
+        if context.node_id == 11:
+            counts = np.array([[2, 2], [-0.4, 2]], np.float32)  # noise made one cluster < 0
+        else:
+            counts = np.array([[2, np.nan], [1, 1]], np.float32)
+        return stats_reply(message, NODES[context.node_id], sums, counts)
 
     strategy = make_strategy()
     grid = FakeGrid(app, {11: {}, 22: {}})
     with server_identity():
-        messages = strategy.configure_support(0, global_arrays(), ConfigRecord(), grid)
+        messages = strategy.configure_support(1, global_arrays(), ConfigRecord(), grid)
         result = exchange(grid, messages, sites=strategy.sites, timeout=1.0)
-        assert strategy.aggregate_support(0, result.replies) is None
-    assert {o.reason for o in strategy.reports["support"].problems} == {"bad_count"}
+        support = strategy.aggregate_support(1, result.replies)
+    assert {o.site: o.reason for o in strategy.reports["support"].problems} == {
+        "site_b": "non_finite"
+    }
+    assert [o.site for o in strategy.reports["support"].ok] == ["site_a"]
+    class_one = support.vectors[support.labels == 1]
+    np.testing.assert_allclose(class_one.numpy(), [[0, 0, 2], [0, 0, 2]], atol=1e-5)
+
+
+def test_support_query_carries_the_current_global_support() -> None:
+    grid = FakeGrid(honest_app, {11: {}, 22: {}})
+    strategy = make_strategy()
+    with server_identity():
+        messages = strategy.configure_support(1, global_arrays(), ConfigRecord(), grid)
+    for message in messages:
+        vectors = message.content[str(RecordKey.SUPPORT)][str(ArrayKey.VECTORS)].numpy()
+        np.testing.assert_array_equal(vectors, np.ones((4, 3), np.float32))
 
 
 def test_waiting_for_sites_is_bounded() -> None:
