@@ -218,7 +218,7 @@ def start_process(
     argv: Sequence[str],
     *,
     log_path: Path,
-    env: dict[str, str],
+    env: dict[str, str] | None,
     cwd: Path | None = None,
 ) -> ManagedProcess:
     """Start ``argv`` in a new session with stdout and stderr going to ``log_path``."""
@@ -280,7 +280,7 @@ class ProcessGroup:
         argv: Sequence[str],
         *,
         log_path: Path,
-        env: dict[str, str],
+        env: dict[str, str] | None,
         cwd: Path | None = None,
     ) -> ManagedProcess:
         """Start a process and remember it."""

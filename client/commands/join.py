@@ -167,7 +167,9 @@ connection.recv(64)
 """
 
 
-def start_warm_launcher(folder: Path, site: str) -> subprocess.Popen:
+def start_warm_launcher(
+    folder: Path, site: str, *, modules: tuple[str, ...] = WARM_MODULES
+) -> subprocess.Popen:
     """Start a launcher that forks ClientApp processes with heavy libraries already loaded.
 
     Flower starts a new ``flwr-clientapp`` process for every message; importing torch,
@@ -176,7 +178,7 @@ def start_warm_launcher(folder: Path, site: str) -> subprocess.Popen:
     ``flwr-clientapp`` unchanged (the app itself still comes from the bundle the message
     belongs to). ``folder/bin/flwr-clientapp`` is a shim that hands each launch to it; put
     ``folder/bin`` first on ``PATH`` before starting the SuperNode. The launcher exits with
-    its parent.
+    its parent; its output (and every ClientApp's) goes to this process's stdout.
     """
     address = f"sicfed-{site}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     bin_dir = folder / "bin"
@@ -188,7 +190,7 @@ def start_warm_launcher(folder: Path, site: str) -> subprocess.Popen:
     shim.write_text(_SHIM.format(python=sys.executable, site=site, address=address, cold=cold))
     shim.chmod(0o755)
     # -I: the launcher must not see the checkout (no project module may be preloaded).
-    return subprocess.Popen([sys.executable, "-I", str(launcher), address, *WARM_MODULES])
+    return subprocess.Popen([sys.executable, "-I", str(launcher), address, *modules])
 
 
 def supernode_argv(
