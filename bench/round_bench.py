@@ -1,9 +1,10 @@
 """Federated round overhead: wall time per round minus the sites' local compute.
 
 A real SuperLink and three SuperNodes on loopback run a small SIC federation (SynthCXR at
-32 px, a few dozen images per site, one local epoch, no MLflow) twice: with the polling this
-project tunes (SuperNode every 0.25 s, SuperExec every 0.1 s, ServerApp every 0.1 s) and with
-Flower's defaults (3 s, 1 s). Per round
+32 px, a few dozen images per site, one local epoch, no MLflow) twice: as this project runs
+it (ClientApps forked from each site's warm launcher; SuperNode polling every 0.25 s,
+SuperExecs every 0.1 s, ServerApp every 0.1 s) and as Flower runs by default (a fresh
+ClientApp process per message; SuperNode 3 s, SuperExec 1 s, Grid 3 s). Per round
 
 - ``site compute`` = the sum over the three phases (train, support, evaluate) of the slowest
   site's handler time;
@@ -23,8 +24,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from client.commands.join import FLOWER_POLL_SECONDS
 from server.commands.demo import ensure_synthcxr, wait_for_sites
 from server.coordinator import (
+    TASK_POLL_INTERVAL,
     Coordinator,
     follow_run,
     free_port,
@@ -37,7 +40,7 @@ from server.processes import ProcessGroup, ProcessStartError
 __all__ = ["run"]
 
 SITES = ("site_a", "site_b", "site_c")
-ROUNDS = 4
+ROUNDS = 3
 PHASE_SECONDS = {"train": "train.seconds", "support": "support.seconds", "evaluate": "val.seconds"}
 PHASE_STARTUP = {
     "train": "train.startup-seconds",
@@ -46,10 +49,13 @@ PHASE_STARTUP = {
 }
 
 
-def _federate(workdir: Path, data: Path, *, node_poll: float, server_poll: float) -> list[dict]:
+def _federate(workdir: Path, data: Path, *, tuned: bool) -> list[dict]:
     coordinator = Coordinator(workdir)
+    task_poll = TASK_POLL_INTERVAL if tuned else None
     with ProcessGroup() as group:
-        address, _ = start_superlink(group, coordinator, port=free_port(8000))
+        address, _ = start_superlink(
+            group, coordinator, port=free_port(8000), task_poll_interval=task_poll
+        )
         for index, name in enumerate(SITES):
             start_site(
                 group,
@@ -58,8 +64,10 @@ def _federate(workdir: Path, data: Path, *, node_poll: float, server_poll: float
                 superlink=address,
                 port=free_port(9094 + index),
                 log_path=coordinator.logs / f"{name}.log",
-                poll_interval=node_poll,
+                poll_interval=0.25 if tuned else FLOWER_POLL_SECONDS,
                 threads=1,
+                warm=tuned,
+                task_poll_interval=task_poll,
             )
         wait_for_sites(coordinator, len(SITES), timeout=300, group=group)
         overrides: dict[str, Any] = {
@@ -68,7 +76,7 @@ def _federate(workdir: Path, data: Path, *, node_poll: float, server_poll: float
             "local-epochs": 1,
             "batch-size": 16,
             "min-sites": len(SITES),
-            "poll-interval": server_poll,
+            "poll-interval": 0.1 if tuned else FLOWER_POLL_SECONDS,
         }
         run_id = submit(coordinator, overrides, staging_parent=workdir)
         outcome = follow_run(
@@ -106,18 +114,18 @@ def _figures(rounds: list[dict]) -> dict[str, float]:
 
 
 def run(workdir: Path) -> dict[str, float]:
-    """Measure the round overhead with tuned and with Flower's default polling.
+    """Measure the round overhead as sicfed runs and as Flower runs by default.
 
     Returns
     -------
     dict
         ``round_overhead_s`` (tuned) and its parts ``round_wall_s``, ``site_compute_s``,
         ``clientapp_startup_s``, ``flower_overhead_s``; the same with the suffix
-        ``_flower_default`` for Flower's default polling.
+        ``_flower_default`` for Flower's defaults (cold ClientApps, default polling).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "sites"
     ensure_synthcxr(data, preset="easy", size=32, scale=0.1, seed=0, log_path=workdir / "synth.log")
-    tuned = _figures(_federate(workdir / "tuned", data, node_poll=0.25, server_poll=0.1))
-    default = _figures(_federate(workdir / "default", data, node_poll=3.0, server_poll=3.0))
+    tuned = _figures(_federate(workdir / "tuned", data, tuned=True))
+    default = _figures(_federate(workdir / "default", data, tuned=False))
     return {**tuned, **{f"{key}_flower_default": value for key, value in default.items()}}

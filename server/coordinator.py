@@ -141,11 +141,13 @@ def start_superlink(
     host: str = "127.0.0.1",
     tls: tuple[Path, Path, Path] | None = None,
     timeout: float = 60.0,
+    task_poll_interval: float | None = TASK_POLL_INTERVAL,
 ) -> tuple[str, ManagedProcess]:
     """Start ``flower-superlink`` with its state database; wait for ``/health``.
 
     Returns the Fleet API address (``host:port``) and the process. Without ``tls``
-    (CA certificate, certificate, key) it runs ``--insecure``.
+    (CA certificate, certificate, key) it runs ``--insecure``. ``task_poll_interval`` is
+    how often its SuperExec looks for a ServerApp to launch (``None``: Flower's 1 s).
     """
     coordinator.superlink_db.parent.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -170,7 +172,7 @@ def start_superlink(
             "--ssl-keyfile",
             str(key),
         ]
-    env = flower_env(coordinator.flwr_home, task_poll_interval=TASK_POLL_INTERVAL)
+    env = flower_env(coordinator.flwr_home, task_poll_interval=task_poll_interval)
     process = group.start(
         "superlink",
         argv,
@@ -196,8 +198,14 @@ def start_site(
     log_path: Path,
     poll_interval: float,
     threads: int | None = None,
+    warm: bool = True,
+    task_poll_interval: float | None = TASK_POLL_INTERVAL,
 ) -> ManagedProcess:
-    """Start one site's SuperNode through ``python -m client join`` (insecure, loopback)."""
+    """Start one site's SuperNode through ``python -m client join`` (insecure, loopback).
+
+    ``poll_interval`` is the SuperNode's fleet polling, ``task_poll_interval`` its
+    SuperExec's (``None``: Flower's 1 s); ``warm`` forks ClientApps from a warm launcher.
+    """
     argv = [
         sys.executable,
         "-m",
@@ -215,7 +223,9 @@ def start_site(
     ]
     if threads is not None:
         argv += ["--threads", str(threads)]
-    env = flower_env(None, task_poll_interval=TASK_POLL_INTERVAL)
+    if not warm:
+        argv.append("--cold")
+    env = flower_env(None, task_poll_interval=task_poll_interval)
     return group.start(f"site-{name}", argv, log_path=log_path, env=env, cwd=_project_root())
 
 
