@@ -281,8 +281,9 @@ def join(
     warm: Annotated[
         bool,
         typer.Option(
+            "--warm/--cold",
             help="Fork each ClientApp from a launcher with torch, MONAI and scikit-learn "
-            "already imported (--cold: Flower's fresh process per message)."
+            "already imported (--cold: Flower's fresh process per message).",
         ),
     ] = True,
 ) -> None:

@@ -109,3 +109,8 @@ def test_join_module_keeps_help_fast() -> None:
     """Heavy libraries are imported inside the command, not when the CLI loads."""
     source = inspect.getsource(join_module).split("def join(")[0]
     assert "import torch" not in source and "from client.data" not in source.split("def _data")[0]
+
+
+def test_cold_start_is_an_option() -> None:
+    result = runner.invoke(app, ["join", "--help"])
+    assert "--cold" in result.output and "--warm" in result.output
