@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("training", "data", "round")
+SECTIONS = ("training", "dp", "data", "round")
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 console = Console()
@@ -49,6 +49,10 @@ def _run_section(name: str, device: torch.device, workdir: Path) -> dict[str, fl
 
         size = 128 if device.type == "cuda" else 64
         return run(device, size=size, repeats=10 if device.type == "cuda" else 5)
+    if name == "dp":
+        from bench.dp_bench import run as run_dp
+
+        return run_dp(device, size=128 if device.type == "cuda" else 64)
     module = importlib.import_module(f"bench.{name}_bench")
     return module.run(workdir)
 
