@@ -309,18 +309,21 @@ def follow_run(
 
 
 def round_table(rounds: list[dict[str, Any]], title: str = "Federation rounds") -> Table:
-    """A rich table: one row per round, mean site AUROC and every site's AUROC."""
+    """A rich table: one row per round, mean site AUROC and each site's validation AUROC.
+
+    A site that failed shows its reason code; ``n/a`` marks a split without both outcomes.
+    """
     sites = sorted(
         {row["site"] for entry in rounds for row in entry.get("sites", {}).get("evaluate", [])}
     )
-    table = Table(title=title)
+    table = Table(title=title, caption="validation AUROC per site (site-local supports)")
     table.add_column("round", justify="right")
-    table.add_column("mean site AUROC", justify="right")
+    table.add_column("mean", justify="right")
     for site in sites:
-        table.add_column(f"{site} AUROC", justify="right")
-    table.add_column("train loss", justify="right")
-    table.add_column("problems")
-    table.add_column("seconds", justify="right")
+        table.add_column(site, justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("failures")
+    table.add_column("s", justify="right")
     for entry in rounds:
         summary = entry.get("summary", {})
         per_site = {row["site"]: row for row in entry.get("sites", {}).get("evaluate", [])}
@@ -343,8 +346,8 @@ def round_table(rounds: list[dict[str, Any]], title: str = "Federation rounds") 
         ]
         cells += [
             _fmt(summary.get("train/loss"), digits=4),
-            ", ".join(problems) or "none",
-            f"{entry.get('seconds', 0):.1f}",
+            ", ".join(problems) or "-",
+            f"{entry.get('seconds', 0):.0f}",
         ]
         table.add_row(*cells)
     return table
