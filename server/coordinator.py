@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from server.checkpoint import RunFiles, read_rounds, read_status
 from server.flower_cli import run_info, submit_run
@@ -349,7 +350,7 @@ def round_table(rounds: list[dict[str, Any]], title: str = "Federation rounds") 
             ", ".join(problems) or "-",
             f"{entry.get('seconds', 0):.0f}",
         ]
-        table.add_row(*cells)
+        table.add_row(*(Text(cell) for cell in cells))  # Text: no markup, no :emoji: codes
     return table
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from server.cli import app
@@ -102,16 +103,22 @@ def test_round_table_shows_site_aurocs_and_problems() -> None:
         "seconds": 12.5,
         "summary": {"perf/mean_site_auroc": 0.8, "train/loss": 0.5},
         "sites": {
+            "train": [
+                {"site": "site_b", "status": "failed", "reason": "data_error", "metrics": {}}
+            ],
             "evaluate": [
                 {"site": "site_a", "status": "ok", "reason": "", "metrics": {"val.auroc": 0.9}},
                 {"site": "site_b", "status": "failed", "reason": "data_error", "metrics": {}},
-            ]
+            ],
         },
     }
     table = round_table([entry])
     cells = [[str(cell) for cell in column._cells] for column in table.columns]
     assert cells[1] == ["0.800"] and cells[2] == ["0.900"] and cells[3] == ["data_error"]
-    assert cells[5] == ["site_b:evaluate:data_error"]
+    assert cells[5] == ["site_b:train:data_error, site_b:evaluate:data_error"]
+    console = Console(width=200, record=True)
+    console.print(table)
+    assert "site_b:train:data_error" in console.export_text()  # ":train:" is not an emoji
 
 
 def test_free_port_avoids_a_busy_port() -> None:
