@@ -8,7 +8,7 @@ The model owns its input spec: callers pass images ``x`` in ``[0, 1]`` of shape
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from bcos.modules import BcosLinear
@@ -18,7 +18,9 @@ from sic_core.encoders import Encoder, create_encoder
 from sic_core.errors import ConfigError
 from sic_core.head import bcos_similarity, class_scores, logit_bias
 
-__all__ = ["Embedder", "ModelConfig", "SICModel", "check_unit_interval", "create_model"]
+__all__ = ["Embedder", "ModelConfig", "Pooling", "SICModel", "check_unit_interval", "create_model"]
+
+Pooling = Literal["max", "avg"]
 
 
 def check_unit_interval(x: Tensor, *, name: str = "x") -> None:
@@ -48,6 +50,7 @@ class ModelConfig:
     n_shot: int = 3
     proj_dim: int = 128
     temperature: float = 10.0
+    pool: Pooling = "max"
     encoder_cfg: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -58,25 +61,39 @@ class ModelConfig:
             raise ConfigError(f"num_classes: expected at least 2, got {self.num_classes}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature: expected > 0, got {self.temperature}")
+        if self.pool not in ("max", "avg"):
+            raise ConfigError(f"pool: expected 'max' or 'avg', got {self.pool!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class Embedder(nn.Module):
-    """Encoded image -> embedding: encoder, global average pool, B-cos projection, ReLU.
+    """Encoded image -> embedding: encoder, global pool, B-cos projection, ReLU.
 
     Separate from the head so that DP-SGD can wrap exactly the trainable part.
+
+    Pooling is global *max* by default, a recorded deviation from SIC.md's global average:
+    SynthCXR lesions cover about 1 % of the image, and after average pooling the lesion's
+    share of every feature is ~1 %, so every embedding points the same way. Trained from
+    scratch on SynthCXR easy (64 px, site A), the average-pooled small encoder stayed at
+    chance for 12 epochs and could not even fit 64 training images (loss 0.68), while the
+    max-pooled one fitted them (loss 0.20) and reached validation AUROC 0.92 in 6 epochs.
+    Max pooling selects one position per channel, so the network stays exactly linear in
+    explanation mode and completeness still holds. ``pool="avg"`` is the reference's
+    choice (e.g. for a pretrained encoder on large findings).
     """
 
-    def __init__(self, encoder: Encoder, proj_dim: int) -> None:
+    def __init__(self, encoder: Encoder, proj_dim: int, pool: Pooling = "max") -> None:
         super().__init__()
         self.encoder = encoder
+        self.pool = pool
         self.projection = BcosLinear(encoder.num_features, proj_dim, b=2)
         self.activation = nn.ReLU()
 
     def forward(self, encoded: Tensor) -> Tensor:
-        pooled = self.encoder(encoded).mean(dim=(2, 3))
+        features = self.encoder(encoded)
+        pooled = features.amax(dim=(2, 3)) if self.pool == "max" else features.mean(dim=(2, 3))
         return self.activation(self.projection(pooled))
 
 
@@ -109,7 +126,7 @@ class SICModel(nn.Module):
         self.logit_bias = logit_bias(config.num_classes)
         self.explaining = False
         encoder = create_encoder(config.encoder, 2 * config.in_channels, **config.encoder_cfg)
-        self.embedder = Embedder(encoder, config.proj_dim)
+        self.embedder = Embedder(encoder, config.proj_dim, config.pool)
         num_supports = config.num_classes * config.n_shot
         self.register_buffer("support_vectors", torch.zeros(num_supports, config.proj_dim))
         self.register_buffer(
@@ -186,6 +203,7 @@ def create_model(
     n_shot: int = 3,
     proj_dim: int = 128,
     temperature: float = 10.0,
+    pool: Pooling = "max",
     **encoder_cfg: Any,
 ) -> SICModel:
     """Build a :class:`SICModel` on a registered encoder (see :func:`list_encoders`).
@@ -203,6 +221,7 @@ def create_model(
         n_shot=n_shot,
         proj_dim=proj_dim,
         temperature=temperature,
+        pool=pool,
         encoder_cfg=dict(encoder_cfg),
     )
     return SICModel(config)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sic_core import create_model, explain, explain_support, explanation_mode, list_encoders
+from sic_core import (
+    ConfigError,
+    create_model,
+    explain,
+    explain_support,
+    explanation_mode,
+    list_encoders,
+)
 from sic_core.explanations import colour_explanation
 
 ENCODER_SIZES = {"bcos_cnn_small": {}, "bcos_resnet18": {"width": 8}}
@@ -129,3 +136,14 @@ def test_inputs_outside_unit_interval_are_rejected() -> None:
         model(torch.full((1, 1, 8, 8), -0.1))
     with pytest.raises(ValueError, match="shape"):
         model(torch.rand(1, 3, 8, 8))
+
+
+def test_average_pooling_is_available_and_exact() -> None:
+    torch.manual_seed(0)
+    model = create_model("bcos_cnn_small", 1, 2, n_shot=1, proj_dim=16, pool="avg", width=8)
+    model.set_support(torch.rand(2, 16) + 0.1, torch.tensor([0, 1]))
+    result = explain(model, torch.rand(3, 1, 24, 24))
+    target = result.logits - result.bias
+    assert ((result.class_maps.sum(dim=(2, 3)) - target).abs() / target.abs()).max() < 1e-5
+    with pytest.raises(ConfigError, match="pool"):
+        create_model("bcos_cnn_small", 1, 2, pool="median")
