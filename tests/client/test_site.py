@@ -192,7 +192,8 @@ def test_bad_files_are_skipped_counted_and_listed_without_leaking_names(
     rows[1]["label"] = "7"  # good_1.dcm: out of range
     rows = [row for row in rows if not (row["file"] == "good_1.dcm" and row["label"] == "tumour")]
     config = _dicom_site(tmp_path, rows)
-    with caplog.at_level(logging.DEBUG):
+    # The "client" logger's own level may have been set by a ClientApp test in this process.
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="client"):
         data = load_site_data(config, workers=1)
     expected = {
         "not_image": 1,
