@@ -1,0 +1,28 @@
+"""Smoke tests of the benchmark sections (tiny sizes): `make bench` must not rot."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.dp_bench import run as run_dp
+from bench.training_bench import run as run_training
+
+
+def test_training_bench_reports_positive_ratios() -> None:
+    figures = run_training(torch.device("cpu"), size=32, batch=4, repeats=1)
+    for key in (
+        "sic_vs_same_encoder_train_ratio",
+        "sic_vs_blackbox_train_ratio",
+        "sic_vs_bcos_resnet_train_ratio",
+    ):
+        assert math.isfinite(figures[key]) and figures[key] > 0
+
+
+def test_dp_bench_reports_the_overhead_of_the_faster_mode() -> None:
+    figures = run_dp(torch.device("cpu"), size=16, batch=4, repeats=1)
+    assert figures["dp_overhead_ratio"] == min(
+        figures["dp_overhead_ratio_hooks"], figures["dp_overhead_ratio_functorch"]
+    )
+    assert figures["dp_overhead_ratio"] > 0
