@@ -62,7 +62,7 @@ def _sic_step(encoder: str, images: Tensor, labels: Tensor, n_shot: int, **cfg: 
     device = images.device
     model = create_model(encoder, 1, 2, n_shot=n_shot, **cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    supports = images[: 2 * n_shot].clone()
+    supports = torch.rand(2 * n_shot, *images.shape[1:], device=device)
     support_labels = torch.arange(2, device=device).repeat_interleave(n_shot)
 
     def step() -> None:
