@@ -8,8 +8,6 @@ a B-cos CNN was 2.24). Opacus' gradient-sample modes are measured side by side.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 
@@ -17,25 +15,12 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from bench.training_bench import median_step_seconds
 from sic_core import anchor_support, create_model
 from sic_core.head import sic_loss
 from sic_core.training import fixed_support_logits
 
 __all__ = ["run"]
-
-
-def _median_seconds(step: Callable[[], None], device: torch.device, repeats: int) -> float:
-    step()
-    timings = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
 
 
 def _steps(
@@ -80,10 +65,14 @@ def run(
     """Median step times of plain and DP-SGD training; the ratios are the figures."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = _median_seconds(_steps(encoder, device, size, batch, None), device, repeats)
-        hooks = _median_seconds(_steps(encoder, device, size, batch, "hooks"), device, repeats)
-        functorch = _median_seconds(
-            _steps(encoder, device, size, batch, "functorch"), device, repeats
+        plain = median_step_seconds(
+            _steps(encoder, device, size, batch, None), device, warmup=1, repeats=repeats
+        )
+        hooks = median_step_seconds(
+            _steps(encoder, device, size, batch, "hooks"), device, warmup=1, repeats=repeats
+        )
+        functorch = median_step_seconds(
+            _steps(encoder, device, size, batch, "functorch"), device, warmup=1, repeats=repeats
         )
     return {
         "dp_overhead_ratio": min(hooks, functorch) / plain,

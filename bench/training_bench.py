@@ -30,7 +30,7 @@ from sic_core.training import episodic_logits
 Step = Callable[[], None]
 
 
-def _time_steps(step: Step, device: torch.device, *, warmup: int, repeats: int) -> float:
+def median_step_seconds(step: Step, device: torch.device, *, warmup: int, repeats: int) -> float:
     """Median seconds per call of ``step`` after ``warmup`` calls."""
     for _ in range(warmup):
         step()
@@ -99,7 +99,7 @@ def run(
     warmup = 2
 
     def per_s(step: Step) -> float:
-        return batch / _time_steps(step, device, warmup=warmup, repeats=repeats)
+        return batch / median_step_seconds(step, device, warmup=warmup, repeats=repeats)
 
     results = {
         "sic_small_images_per_s": per_s(_sic_step("bcos_cnn_small", images, labels, n_shot)),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from bcos.common import gradient_to_image
-from torch import Tensor, nn
+from torch import Tensor
 
 from sic_core.head import class_scores
 from sic_core.model import SICModel
@@ -125,12 +125,24 @@ def _contributions(encoded: Tensor, outputs: Tensor) -> tuple[Tensor, Tensor]:
     return (stacked * encoded.unsqueeze(1)).sum(dim=2), stacked
 
 
-def _frozen_parameters(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
-    """Switch off parameter gradients so explaining never touches ``.grad``."""
+@contextmanager
+def _explaining(model: SICModel) -> Iterator[None]:
+    """Explanation mode on a frozen, evaluating model; everything restored afterwards.
+
+    Parameter gradients are switched off so explaining never touches ``.grad``.
+    """
+    was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for parameter, _ in flags:
         parameter.requires_grad_(False)
-    return flags
+    model.eval()
+    try:
+        with explanation_mode(model), torch.enable_grad():
+            yield
+    finally:
+        for parameter, requires_grad in flags:
+            parameter.requires_grad_(requires_grad)
+        model.train(was_training)
 
 
 def explain(model: SICModel, x: Tensor, target: Tensor | None = None) -> Explanation:
@@ -150,18 +162,10 @@ def explain(model: SICModel, x: Tensor, target: Tensor | None = None) -> Explana
     Explanation
         Logits, evidence, per-support and per-class contribution maps.
     """
-    was_training = model.training
-    flags = _frozen_parameters(model)
-    model.eval()
-    try:
-        with explanation_mode(model), torch.enable_grad():
-            encoded = model.encode(x).detach().requires_grad_(True)
-            evidence = model.evidence(model.embedder(encoded))
-            support_maps, gradients = _contributions(encoded, evidence)
-    finally:
-        for parameter, requires_grad in flags:
-            parameter.requires_grad_(requires_grad)
-        model.train(was_training)
+    with _explaining(model):
+        encoded = model.encode(x).detach().requires_grad_(True)
+        evidence = model.evidence(model.embedder(encoded))
+        support_maps, gradients = _contributions(encoded, evidence)
     evidence = evidence.detach()
     labels = model.support_labels
     logits = class_scores(evidence, labels, model.num_classes) + model.logit_bias
@@ -219,19 +223,10 @@ def explain_support(model: SICModel, support_images: Tensor) -> SupportExplanati
             f"support_images: expected {model.support_vectors.shape[0]} images (one per "
             f"support vector), got {support_images.shape[0]}"
         )
-    was_training = model.training
-    flags = _frozen_parameters(model)
-    model.eval()
-    try:
-        with explanation_mode(model), torch.enable_grad():
-            encoded = model.encode(support_images).detach().requires_grad_(True)
-            similarities = model.similarities(model.embedder(encoded))
-            own = similarities.diagonal()
-            (gradient,) = torch.autograd.grad(own.sum(), encoded)
-    finally:
-        for parameter, requires_grad in flags:
-            parameter.requires_grad_(requires_grad)
-        model.train(was_training)
+    with _explaining(model):
+        encoded = model.encode(support_images).detach().requires_grad_(True)
+        own = model.similarities(model.embedder(encoded)).diagonal()
+        (gradient,) = torch.autograd.grad(own.sum(), encoded)
     maps = (gradient * encoded).sum(dim=1)
     return SupportExplanation(similarity=own.detach().cpu(), maps=maps.detach().cpu())
 
