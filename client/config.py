@@ -204,14 +204,20 @@ class TrainingConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy for this site (sample-level DP-SGD; see ARCHITECTURE.md)."""
+    """Differential privacy for this site (sample-level DP-SGD; see ARCHITECTURE.md).
+
+    ``support_noise_multiplier`` defaults to 10: the support release is a full-data Gaussian
+    mechanism (sample rate 1), so at 1.0 it alone spends about 6 of an ε budget of 8 per
+    round. With 10 (and DP-SGD at 1.0, batch 32 of 560 images, 2 local epochs) ε at δ = 1e-5
+    is 3.3 after one round, 4.1 after two, 5.5 after four and 6.6 after six.
+    """
 
     enabled: bool = False
     target_delta: float = Field(1e-5, gt=0, lt=1)
     max_epsilon: float = Field(8.0, gt=0)
     noise_multiplier: float = Field(1.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    support_noise_multiplier: float = Field(1.0, ge=0)
+    support_noise_multiplier: float = Field(10.0, ge=0)
     support_clip_norm: float = Field(1.0, gt=0)
 
 

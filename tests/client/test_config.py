@@ -42,7 +42,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
     privacy = config.privacy
     assert (privacy.enabled, privacy.target_delta, privacy.max_epsilon) == (False, 1e-5, 8.0)
     assert (privacy.noise_multiplier, privacy.max_grad_norm) == (1.0, 1.0)
-    assert (privacy.support_noise_multiplier, privacy.support_clip_norm) == (1.0, 1.0)
+    assert (privacy.support_noise_multiplier, privacy.support_clip_norm) == (10.0, 1.0)
     assert config.reporting.share_example_images is False
     assert config.reporting.audit_set_size == 64
 
