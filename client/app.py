@@ -57,6 +57,7 @@ from client.training import (
     train_privately,
     weights_record,
 )
+from sic_core.atomic import atomic_write
 from sic_core.errors import ConfigError, SiteError
 from sic_core.wire import (
     ArrayKey,
@@ -324,16 +325,13 @@ def _write_report(
     config: SiteConfig, server_round: int, metrics: dict[str, float], support_indices: list[int]
 ) -> Path:
     """The site's own round report (``<state_dir>/reports/round_XXX.json``); it stays here."""
-    folder = Path(config.state_dir) / "reports"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"round_{server_round:03d}.json"
+    path = Path(config.state_dir) / "reports" / f"round_{server_round:03d}.json"
     payload = {
         "site": config.name,
         "round": server_round,
         "metrics": metrics,
         "local_support_train_indices": support_indices,
     }
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    temporary.replace(path)
+    encoded = json.dumps(payload, indent=2, sort_keys=True).encode()
+    atomic_write(path, lambda stream: stream.write(encoded))
     return path

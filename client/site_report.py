@@ -161,6 +161,13 @@ def _gallery(
     def support_label(k: int) -> str:
         return f"{class_names[labels_k[k]]} #{k}"
 
+    # Each support's image and map are encoded once, then shared by every case that shows it.
+    support_pngs = [png_data_uri(_grey(image)) for image in support_images]
+    support_map_pngs = [
+        overlay_png(image, support_map, support_scale)
+        for image, support_map in zip(support_images, support_explanation.maps, strict=True)
+    ]
+
     gallery = []
     for i in cases:
         target = int(result.predicted[i])
@@ -190,10 +197,8 @@ def _gallery(
                     {
                         "label": support_label(k),
                         "evidence": float(evidence[k]),
-                        "png": png_data_uri(_grey(support_images[k])),
-                        "map_png": overlay_png(
-                            support_images[k], support_explanation.maps[k], support_scale
-                        ),
+                        "png": support_pngs[k],
+                        "map_png": support_map_pngs[k],
                     }
                     for k in top
                 ],
@@ -202,8 +207,8 @@ def _gallery(
     support_set = [
         {
             "label": support_label(k),
-            "png": png_data_uri(_grey(support_images[k])),
-            "map_png": overlay_png(support_images[k], support_explanation.maps[k], support_scale),
+            "png": support_pngs[k],
+            "map_png": support_map_pngs[k],
         }
         for k in range(support_images.shape[0])
     ]
