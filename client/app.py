@@ -10,8 +10,10 @@ data come from the on-disk cache of :func:`client.data.load_site_data`):
   under the global weights (:class:`SupportMetric`; under DP the noised release around the
   global support set);
 - ``evaluate``: global weights and support set, site-local nearest-image supports, AUROC,
-  balanced accuracy and loss on the validation split (:class:`EvalMetric`); a JSON report
-  per round stays in the site's state folder.
+  balanced accuracy, calibration and loss on the validation split (:class:`EvalMetric`),
+  the explanation-quality metrics on the site's audit set (:class:`XaiMetric`), and the
+  round report (:mod:`client.round_report`): the full copy stays in the site's state
+  folder, the redacted one (or the full one, where sharing is allowed) goes to the server.
 
 Every reply names the site (its pseudonym) in a ``site`` record. The :func:`sanitise_errors`
 mod turns any failure into a fixed reason code; the full error stays in the site's log.
@@ -44,6 +46,7 @@ from client.config import SiteConfig, load_site_config
 from client.data import load_site_data, training_augmentation
 from client.mods import sanitise_errors
 from client.privacy.ledger import PrivacyLedger
+from client.round_report import RoundFacts, audit_and_report, round_report_dir
 from client.training import (
     ModelSpec,
     RoundSettings,
@@ -57,7 +60,6 @@ from client.training import (
     train_privately,
     weights_record,
 )
-from sic_core.atomic import atomic_write
 from sic_core.errors import ConfigError, SiteError
 from sic_core.wire import (
     ArrayKey,
@@ -66,9 +68,11 @@ from sic_core.wire import (
     EvalMetric,
     QueryName,
     RecordKey,
+    ReportKey,
     SiteKey,
     SupportMetric,
     TrainMetric,
+    XaiMetric,
 )
 
 __all__ = ["SITE_CONFIG_KEY", "app"]
@@ -268,7 +272,7 @@ def support(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Evaluate the global model on the validation split with site-local supports."""
+    """Evaluate the global model with site-local supports; audit its explanations; report."""
     startup = process_age()
     _route_logs()
     started = time.perf_counter()
@@ -293,7 +297,7 @@ def evaluate(message: Message, context: Context) -> Message:
     )
     progress = _progress(context)
     progress["last-eval-round"] = server_round
-    metrics = {
+    metrics: dict[str, float] = {
         str(EvalMetric.NUM_EXAMPLES): result.num_examples,
         str(EvalMetric.LOSS): result.loss,
         str(EvalMetric.AUROC): _finite_or_chance(result.auroc),
@@ -302,18 +306,49 @@ def evaluate(message: Message, context: Context) -> Message:
         str(EvalMetric.ACCURACY): result.accuracy,
         str(EvalMetric.AUROC_GLOBAL_SUPPORT): _finite_or_chance(result.auroc_global_support),
         str(EvalMetric.LOCAL_SUPPORTS): int((local.indices >= 0).sum()),
-        str(EvalMetric.SECONDS): time.perf_counter() - started,
-        str(EvalMetric.STARTUP): startup,
+        str(EvalMetric.ECE): _finite_or_zero(result.expected_calibration_error),
     }
-    _write_report(config, server_round, metrics, local.indices.tolist())
+    audit_started = time.perf_counter()
+    dp_epsilon = _ledger(config).epsilon
+    facts = RoundFacts(
+        run_id=str(context.run_id),
+        server_round=server_round,
+        config_path=Path(context.node_config[SITE_CONFIG_KEY]),
+        performance={
+            "perf/auroc": result.auroc,
+            "perf/auroc_global_support": result.auroc_global_support,
+            "perf/balanced_accuracy": result.balanced_accuracy,
+            "perf/accuracy": result.accuracy,
+            "perf/loss": result.loss,
+            "perf/ece": result.expected_calibration_error,
+        },
+        reliability=result.reliability,
+        dp_epsilon=dp_epsilon,
+        dp_delta=config.privacy.target_delta,
+        released=[
+            ("validation metrics (val.*)", len(metrics)),
+            ("explanation-quality metrics (xai/*)", "see section 5"),
+            ("this report", "redacted" if not config.reporting.share_example_images else "full"),
+            ("privacy spent so far (epsilon)", round(dp_epsilon, 4)),
+        ],
+    )
+    xai, report = audit_and_report(config, data, model, global_support, local.indices, facts)
+    metrics.update(xai)
+    metrics[str(EvalMetric.XAI_SECONDS)] = time.perf_counter() - audit_started
+    metrics[str(EvalMetric.SECONDS)] = time.perf_counter() - started
+    metrics[str(EvalMetric.STARTUP)] = startup
     log.info(
-        "site %s round %d: val AUROC %.3f, balanced accuracy %.3f",
+        "site %s round %d: val AUROC %.3f, balanced accuracy %.3f, completeness error %.2g; "
+        "report in %s",
         config.name,
         server_round,
         result.auroc,
         result.balanced_accuracy,
+        xai[str(XaiMetric.COMPLETENESS)],
+        round_report_dir(config, server_round),
     )
-    return _reply(message, config, metrics)
+    report_record = ConfigRecord({str(ReportKey.JSON): json.dumps(report, allow_nan=False)})
+    return _reply(message, config, metrics, **{str(RecordKey.REPORT): report_record})
 
 
 def _finite_or_chance(value: float) -> float:
@@ -321,17 +356,6 @@ def _finite_or_chance(value: float) -> float:
     return value if math.isfinite(value) else 0.5
 
 
-def _write_report(
-    config: SiteConfig, server_round: int, metrics: dict[str, float], support_indices: list[int]
-) -> Path:
-    """The site's own round report (``<state_dir>/reports/round_XXX.json``); it stays here."""
-    path = Path(config.state_dir) / "reports" / f"round_{server_round:03d}.json"
-    payload = {
-        "site": config.name,
-        "round": server_round,
-        "metrics": metrics,
-        "local_support_train_indices": support_indices,
-    }
-    encoded = json.dumps(payload, indent=2, sort_keys=True).encode()
-    atomic_write(path, lambda stream: stream.write(encoded))
-    return path
+def _finite_or_zero(value: float) -> float:
+    """ECE for the wire: ``nan`` (no validation images) cannot happen after the empty check."""
+    return value if math.isfinite(value) else 0.0

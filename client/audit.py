@@ -39,6 +39,7 @@ from sic_core.metrics import (
     support_jaccard,
     top_support_agreement,
 )
+from sic_core.wire import XaiMetric, support_jaccard_key
 
 __all__ = ["AuditSet", "ExplanationState", "audit_metrics", "select_audit_set"]
 
@@ -156,9 +157,9 @@ def audit_metrics(
     predicted = result.predicted
     maps = result.target_maps()
     metrics: dict[str, float] = {
-        "xai/completeness_max_rel_err": completeness_max_rel_err(result),
-        "xai/evidence_concentration": evidence_concentration(result.evidence),
-        "xai/gini": float(gini(maps).mean()),
+        XaiMetric.COMPLETENESS: completeness_max_rel_err(result),
+        XaiMetric.EVIDENCE_CONCENTRATION: evidence_concentration(result.evidence),
+        XaiMetric.GINI: float(gini(maps).mean()),
     }
 
     top_ids = support_ids[result.evidence.argmax(dim=1)].tolist()
@@ -174,23 +175,23 @@ def audit_metrics(
             torch.tensor(previous.top_support_ids), torch.tensor(top_ids)
         )
     for c, value in enumerate(jaccard):
-        metrics[f"xai/support_jaccard/c{c}"] = value
-    metrics["xai/top_support_agreement"] = agreement
+        metrics[support_jaccard_key(c)] = value
+    metrics[XaiMetric.TOP_SUPPORT_AGREEMENT] = agreement
 
     true_positive = (
         (audit.labels > 0) & (predicted == audit.labels) & audit.lesion.flatten(1).any(1)
     )
     truth_maps = result.class_maps[torch.arange(audit.labels.numel()), audit.labels]
-    metrics["xai/rma_lift"] = _nanmedian(
+    metrics[XaiMetric.RMA_LIFT] = _nanmedian(
         mass_lift(truth_maps[true_positive], audit.lesion[true_positive])
     )
     hit, baseline = pointing_game(truth_maps[true_positive], audit.lesion[true_positive])
-    metrics["xai/pointing_game"] = hit
-    metrics["xai/pointing_game_baseline"] = baseline
+    metrics[XaiMetric.POINTING_GAME] = hit
+    metrics[XaiMetric.POINTING_GAME_BASELINE] = baseline
 
     positive_maps = result.class_maps[:, POSITIVE_CLASS]
     marked = audit.marker.flatten(1).any(1)
-    metrics["xai/artifact_mass_lift"] = _nanmedian(
+    metrics[XaiMetric.ARTIFACT_MASS_LIFT] = _nanmedian(
         mass_lift(positive_maps[marked], audit.marker[marked])
     )
     shift = marker_counterfactual_shift(
@@ -200,30 +201,30 @@ def audit_metrics(
         audit.images[~marked],
         positive_class=POSITIVE_CLASS,
     )
-    metrics["xai/marker_counterfactual_shift"] = shift.shift
-    metrics["xai/marker_counterfactual_flips"] = shift.flip_share
+    metrics[XaiMetric.MARKER_COUNTERFACTUAL_SHIFT] = shift.shift
+    metrics[XaiMetric.MARKER_COUNTERFACTUAL_FLIPS] = shift.flip_share
 
     # Curves cost (steps + 1) forwards per image and curve: a fixed subset keeps them cheap.
     subset = slice(0, curve_images)
     curves = deletion_insertion(
         model, audit.images[subset], maps[subset], predicted[subset], steps=steps, seed=seed
     )
-    metrics["xai/deletion_auc"] = curves.deletion_auc
-    metrics["xai/insertion_auc"] = curves.insertion_auc
-    metrics["xai/deletion_random_gap"] = curves.deletion_random_auc - curves.deletion_auc
-    metrics["xai/insertion_random_gap"] = curves.insertion_auc - curves.insertion_random_auc
+    metrics[XaiMetric.DELETION_AUC] = curves.deletion_auc
+    metrics[XaiMetric.INSERTION_AUC] = curves.insertion_auc
+    metrics[XaiMetric.DELETION_RANDOM_GAP] = curves.deletion_random_auc - curves.deletion_auc
+    metrics[XaiMetric.INSERTION_RANDOM_GAP] = curves.insertion_auc - curves.insertion_random_auc
 
     few = audit.images[:8]
-    metrics["xai/max_sensitivity"] = max_sensitivity(model, few, samples=2, seed=seed)
-    metrics["xai/dp_noise_rank_corr"] = parameter_noise_rank_correlation(
+    metrics[XaiMetric.MAX_SENSITIVITY] = max_sensitivity(model, few, samples=2, seed=seed)
+    metrics[XaiMetric.DP_NOISE_RANK_CORR] = parameter_noise_rank_correlation(
         model, few, noise_std=parameter_noise_std, seed=seed
     )
 
     if global_model is not None and probe is not None and probe.shape[0]:
         local = explain(model, probe).class_maps[:, POSITIVE_CLASS].clamp_min(0)
         shared = explain(global_model, probe).class_maps[:, POSITIVE_CLASS].clamp_min(0)
-        metrics["xai/drift_to_global"] = 1 - float(spearman(local, shared).median())
+        metrics[XaiMetric.DRIFT_TO_GLOBAL] = 1 - float(spearman(local, shared).median())
     else:
-        metrics["xai/drift_to_global"] = math.nan
+        metrics[XaiMetric.DRIFT_TO_GLOBAL] = math.nan
     state = ExplanationState(support_ids=support_ids.tolist(), top_support_ids=top_ids)
-    return metrics, state
+    return {str(key): float(value) for key, value in metrics.items()}, state

@@ -25,7 +25,7 @@ from torch import Tensor
 from client.audit import AuditSet
 from sic_core import SICModel, explain, explain_support
 from sic_core.atomic import atomic_write
-from sic_core.report import redact, render_report_html
+from sic_core.report import XAI_THRESHOLDS, crosses_threshold, json_safe, redact, render_report_html
 
 __all__ = [
     "SMALL_CELL",
@@ -52,13 +52,6 @@ LIMITATIONS = [
     "Read every explanation metric against the spread between two ordinary training runs, "
     "not against fixed thresholds.",
 ]
-
-#: Dashboard thresholds (also logged as MLflow params ``xai_threshold/<metric>``).
-THRESHOLDS: dict[str, float] = {
-    "xai/completeness_max_rel_err": 1e-4,
-    "xai/artifact_mass_lift": 2.0,
-    "xai/rma_lift": 1.0,
-}
 
 
 def small_cell(count: int) -> int | str:
@@ -235,20 +228,14 @@ def build_site_report(
     history = list(inputs.history)
     xai_rows = []
     for key, value in inputs.metrics.items():
-        threshold = THRESHOLDS.get(key)
-        flagged = (
-            threshold is not None
-            and math.isfinite(value)
-            and (value > threshold if key != "xai/rma_lift" else value < threshold)
-        )
         xai_rows.append(
             {
                 "key": key,
                 "value": value,
-                "threshold": threshold,
+                "threshold": XAI_THRESHOLDS.get(key),
                 "change": _change(value, _previous(history, key)),
                 "trend": [h.get(key) for h in history] + [value],
-                "flagged": flagged,
+                "flagged": crosses_threshold(key, value),
             }
         )
     metrics = [
@@ -296,10 +283,11 @@ def write_site_report(
     Returns the copy that may leave the site: the full report if ``share_images``, else the
     redacted one.
     """
+    report = json_safe(report)
     for name, text in (
-        ("report.json", json.dumps(report, indent=1)),
+        ("report.json", json.dumps(report, indent=1, allow_nan=False)),
         ("report.html", render_report_html(report)),
     ):
         encoded = text.encode()
         atomic_write(directory / name, lambda stream, data=encoded: stream.write(data))
-    return dict(report) if share_images else redact(report)
+    return report if share_images else redact(report)

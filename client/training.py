@@ -32,7 +32,12 @@ from client.privacy.support_release import plan_support_release, private_cluster
 from sic_core import SICModel, create_model, unit_filter_state_dict
 from sic_core.errors import ConfigError, SiteError
 from sic_core.head import sic_loss
-from sic_core.metrics import auroc, balanced_accuracy
+from sic_core.metrics import (
+    auroc,
+    balanced_accuracy,
+    expected_calibration_error,
+    reliability_bins,
+)
 from sic_core.support import (
     ClusterStatistics,
     SupportSet,
@@ -381,7 +386,8 @@ class EvalResult:
     """Validation metrics of the global model at one site.
 
     AUROCs are ``nan`` when the split lacks an outcome (then ``auroc_defined`` is False).
-    ``local_support`` holds the chosen training image per support vector (``-1``: none).
+    ``local_support`` holds the chosen training image per support vector (``-1``: none);
+    calibration is over the sigmoid probabilities of the local-support logits.
     """
 
     num_examples: int
@@ -391,6 +397,8 @@ class EvalResult:
     accuracy: float
     auroc_global_support: float
     local_support: SupportSet
+    expected_calibration_error: float
+    reliability: list[dict[str, float]]
 
     @property
     def auroc_defined(self) -> bool:
@@ -437,4 +445,6 @@ def evaluate_locally(
         accuracy=float((predicted == val_labels).float().mean()),
         auroc_global_support=auroc(global_logits, val_labels),
         local_support=local,
+        expected_calibration_error=expected_calibration_error(logits.sigmoid(), val_labels),
+        reliability=reliability_bins(logits.sigmoid(), val_labels),
     )

@@ -60,6 +60,11 @@ class RunFiles:
         return self.log_dir / "rounds.jsonl"
 
     @property
+    def reports_dir(self) -> Path:
+        """Site reports (``round_XXX/<site>/``) and the federation summary."""
+        return self.log_dir / "reports"
+
+    @property
     def status_path(self) -> Path:
         return self.log_dir / "status.json"
 

@@ -8,7 +8,10 @@ The first global support set is given (the public, seeded class anchors). Each r
    weights; the server merges them into the new global support vectors;
 3. **evaluate**: sampled sites evaluate the global model with site-local supports;
 4. **checkpoint**: weights, support set, strategy state, RNG state and MLflow run ids go to an
-   atomic checkpoint; the round summary goes to ``rounds.jsonl`` and to MLflow.
+   atomic checkpoint; the round summary goes to ``rounds.jsonl`` and to MLflow;
+5. **reports**: the sites' round reports, with outlier flags and cross-site context
+   (:mod:`server.reports`), go to ``runs/<run id>/reports/`` and to MLflow, together with the
+   federation summary.
 
 A site that fails, times out or sends an invalid reply is logged against its name and the
 round completes with the others. Waiting for sites is bounded everywhere.
@@ -20,6 +23,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,9 +33,17 @@ from flwr.serverapp import Grid
 
 from server.checkpoint import RunFiles
 from server.messaging import exchange
+from server.reports import (
+    federation_summary,
+    outlier_flags,
+    with_site_context,
+    write_federation_summary,
+    write_site_reports,
+)
 from server.strategy import Phase, PhaseReport, SicStrategy
-from server.tracking import MlflowTracker
+from server.tracking import MlflowTracker, site_metric_name
 from sic_core.errors import SicfedError
+from sic_core.report import json_safe
 from sic_core.wire import EvalMetric
 
 __all__ = ["FederationError", "FederationResult", "RoundSummary", "run_federation"]
@@ -66,7 +78,7 @@ class RoundSummary:
                         "site": o.site,
                         "status": o.status,
                         "reason": o.reason,
-                        "metrics": o.metrics,
+                        "metrics": json_safe(o.metrics),
                     }
                     for o in report.outcomes
                 ]
@@ -108,6 +120,46 @@ def _round_summary(
             if key in eval_metrics:
                 summary[name] = float(eval_metrics[key])
     return summary
+
+
+@dataclass
+class ExplanationRecord:
+    """Every evaluated round's per-site values, flags and reports (for cross-site context)."""
+
+    run: str
+    values: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    flags: dict[int, dict[str, dict[str, int]]] = field(default_factory=dict)
+    reports: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def add_round(self, server_round: int, report: PhaseReport) -> dict[str, dict[str, int]]:
+        """Record the accepted evaluations of a round; return the sites' outlier flags."""
+        self.values[server_round] = {
+            o.site: {
+                name: value
+                for key, value in o.metrics.items()
+                if (name := site_metric_name(Phase.EVALUATE, key)) is not None
+            }
+            for o in report.ok
+        }
+        flags = outlier_flags(self.values[server_round])
+        self.flags[server_round] = flags
+        self.reports[server_round] = {
+            o.site: with_site_context(o.report, o.site, self.values, flags[o.site])
+            for o in report.ok
+            if o.report is not None
+        }
+        return flags
+
+    def write(self, server_round: int, directory: Path, tracker: MlflowTracker | None) -> None:
+        """Write the round's site reports and the federation summary; log them to MLflow."""
+        folders = write_site_reports(directory, server_round, self.reports[server_round])
+        summary = write_federation_summary(
+            directory, federation_summary(self.run, self.values, self.flags)
+        )
+        if tracker is not None:
+            for site, folder in folders.items():
+                tracker.log_site_report(site, server_round, folder)
+            tracker.log_federation_summary(summary)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -173,6 +225,7 @@ def run_federation(
         raise FederationError("the strategy needs an initial support set (e.g. the anchors)")
     arrays = initial_arrays
     result = FederationResult(arrays=arrays)
+    explanations = ExplanationRecord(run=f"fed-{files.run_id}" if files else "federation")
     for server_round in range(1, num_rounds + 1):
         started = time.monotonic()
         log.info("[ROUND %d/%d]", server_round, num_rounds)
@@ -192,6 +245,7 @@ def run_federation(
             )
         )
         eval_metrics = strategy.aggregate_evaluate(server_round, replies)
+        flags = explanations.add_round(server_round, strategy.reports[Phase.EVALUATE])
         seconds = time.monotonic() - started
         summary = RoundSummary(
             server_round=server_round,
@@ -199,12 +253,17 @@ def run_federation(
             reports=tuple(
                 strategy.reports[phase] for phase in (Phase.TRAIN, Phase.SUPPORT, Phase.EVALUATE)
             ),
-            summary=_round_summary(strategy, train_metrics, eval_metrics, seconds),
+            summary={
+                **_round_summary(strategy, train_metrics, eval_metrics, seconds),
+                "fed/flagged_sites": float(sum(any(f.values()) for f in flags.values())),
+            },
         )
         result.arrays = arrays
         result.rounds.append(summary)
         if tracker is not None:
-            tracker.log_round(server_round, summary.reports, summary.summary)
+            tracker.log_round(server_round, summary.reports, summary.summary, flags)
+        if files is not None:
+            explanations.write(server_round, files.reports_dir, tracker)
         if files is not None:
             support = strategy.support
             files.write_checkpoint(

@@ -21,6 +21,7 @@ import difflib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ from server.validation import (
     check_eval_reply,
     check_support_reply,
     check_train_reply,
+    report_of,
 )
 from sic_core.errors import ConfigError
 from sic_core.support import ClusterStatistics, SupportSet, merge_cluster_statistics
@@ -179,12 +181,16 @@ class SiteOutcome:
         Fixed reason code for anything but ``ok``.
     metrics
         The site's metrics (``ok`` only).
+    report
+        The site's round report (accepted ``evaluate`` replies only; redacted unless the
+        site shares example images).
     """
 
     site: str
     status: str
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -376,6 +382,7 @@ class SicStrategy(Strategy):
                     site=site,
                     status="ok",
                     metrics={key: float(value) for key, value in metrics.items()},
+                    report=report_of(reply.content) if phase == Phase.EVALUATE else None,
                 )
             )
             accepted.append((site, reply))
@@ -461,7 +468,12 @@ class SicStrategy(Strategy):
         ``sites.mean-auroc`` and ``sites.min-auroc`` over the sites whose AUROC is defined,
         and ``sites.evaluated``.
         """
-        accepted, report = self.review(Phase.EVALUATE, server_round, replies, check_eval_reply)
+        accepted, report = self.review(
+            Phase.EVALUATE,
+            server_round,
+            replies,
+            lambda content: check_eval_reply(content, num_classes=self.num_classes),
+        )
         if not accepted:
             log.warning("evaluate round %d: no valid reply", server_round)
             return None

@@ -2,22 +2,27 @@
 
 The *server* logs every site's metrics into that site's child run with ``step=round``; sites
 never talk to the tracking server. Metric keys follow METRICS.md: ``perf/*``, ``data/*``,
-``dp/*``, ``time/*`` per site; cross-site summaries on the parent run.
+``dp/*``, ``time/*``, ``xai/*`` and outlier flags ``flag/*`` per site; cross-site summaries,
+the dashboard thresholds (params ``xai_threshold/*``) and the federation summary report on the
+parent run; each site's round report under ``reports/round_XXX/`` of its child run.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from server.reports import threshold_params
 from server.strategy import PhaseReport
 from sic_core.wire import EvalMetric, SupportMetric, TrainMetric
 
-__all__ = ["SITE_METRIC_NAMES", "MlflowTracker", "experiment_name"]
+__all__ = ["SITE_METRIC_NAMES", "MlflowTracker", "experiment_name", "site_metric_name"]
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +51,19 @@ SITE_METRIC_NAMES: dict[str, dict[str, str]] = {
         EvalMetric.ACCURACY: "perf/accuracy",
         EvalMetric.AUROC_GLOBAL_SUPPORT: "perf/auroc_global_support",
         EvalMetric.LOCAL_SUPPORTS: "support/local_supports",
+        EvalMetric.ECE: "perf/ece",
         EvalMetric.SECONDS: "time/eval_s",
         EvalMetric.STARTUP: "time/eval_startup_s",
+        EvalMetric.XAI_SECONDS: "time/xai_s",
     },
 }
+
+
+def site_metric_name(phase: str, key: str) -> str | None:
+    """The MLflow key of a site's wire metric (``xai/*`` keep theirs), ``None`` if not logged."""
+    if phase == "evaluate" and key.startswith("xai/"):
+        return key
+    return SITE_METRIC_NAMES[phase].get(key)
 
 
 def experiment_name(study: str) -> str:
@@ -91,9 +105,10 @@ class MlflowTracker:
         )
         run = self.client.create_run(self.experiment_id, run_name=self.run_name)
         self.parent_run_id = run.info.run_id
+        params = {**self.params, **threshold_params()}
         self.client.log_batch(
             self.parent_run_id,
-            params=[Param(key, value) for key, value in sorted(self.params.items())],
+            params=[Param(key, value) for key, value in sorted(params.items())],
         )
         log.info("MLflow parent run %s in experiment %s", self.parent_run_id, name)
         return self.parent_run_id
@@ -110,13 +125,20 @@ class MlflowTracker:
         return self.site_run_ids[site]
 
     def log_round(
-        self, server_round: int, reports: Iterable[PhaseReport], summary: dict[str, float]
+        self,
+        server_round: int,
+        reports: Iterable[PhaseReport],
+        summary: dict[str, float],
+        flags: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
-        """Log each site's metrics (``step=server_round``) and the round summary."""
+        """Log each site's metrics and outlier flags (``step=server_round``) and the summary."""
         stamp = int(time.time() * 1000)
         per_site: dict[str, list[Metric]] = {}
+        for site, site_flags in (flags or {}).items():
+            per_site.setdefault(site, []).extend(
+                Metric(key, float(value), stamp, server_round) for key, value in site_flags.items()
+            )
         for report in reports:
-            names = SITE_METRIC_NAMES[report.phase]
             for outcome in report.outcomes:
                 metrics = per_site.setdefault(outcome.site, [])
                 metrics.append(
@@ -127,8 +149,10 @@ class MlflowTracker:
                 for key, value in outcome.metrics.items():
                     if key == EvalMetric.AUROC and outcome.metrics[EvalMetric.AUROC_DEFINED] < 1:
                         continue
-                    if key in names:
-                        metrics.append(Metric(names[key], value, stamp, server_round))
+                    name = site_metric_name(report.phase, key)
+                    # nan marks a metric that does not apply at the site: nothing to log.
+                    if name is not None and math.isfinite(value):
+                        metrics.append(Metric(name, value, stamp, server_round))
         try:
             for site, metrics in sorted(per_site.items()):
                 self.client.log_batch(self.site_run(site), metrics=metrics)
@@ -141,6 +165,24 @@ class MlflowTracker:
             )
         except Exception as error:  # tracking must not stop a federation
             log.warning("MLflow logging of round %d failed: %s", server_round, error)
+
+    def log_site_report(self, site: str, server_round: int, folder: Path) -> None:
+        """The site's round report (JSON and HTML) as ``reports/round_XXX/`` of its child run."""
+        self._log_artifacts(self.site_run(site), folder, f"reports/round_{server_round:03d}")
+
+    def log_federation_summary(self, paths: Iterable[Path]) -> None:
+        """The federation summary files as ``reports/`` of the parent run."""
+        for path in paths:
+            self._log_artifacts(self.parent_run_id, path, "reports")
+
+    def _log_artifacts(self, run_id: str, path: Path, artifact_path: str) -> None:
+        try:
+            if path.is_dir():
+                self.client.log_artifacts(run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(run_id, str(path), artifact_path)
+        except Exception as error:  # tracking must not stop a federation
+            log.warning("MLflow upload of %s failed: %s", artifact_path, error)
 
     def finish(self, status: str) -> None:
         """Close the site runs and the parent run with ``FINISHED`` or ``FAILED``."""

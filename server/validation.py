@@ -8,6 +8,7 @@ reason code, never the offending values.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -15,16 +16,18 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from sic_core.wire import (
-    EVAL_METRIC_KEYS,
     SITE_NAME_PATTERN,
     SUPPORT_METRIC_KEYS,
     TRAIN_METRIC_KEYS,
     ArrayKey,
     EvalMetric,
     RecordKey,
+    ReportKey,
     SiteKey,
     SupportMetric,
     TrainMetric,
+    eval_metric_keys,
+    xai_metric_keys,
 )
 
 __all__ = [
@@ -32,7 +35,11 @@ __all__ = [
     "check_eval_reply",
     "check_support_reply",
     "check_train_reply",
+    "report_of",
 ]
+
+#: Largest report a site may send (a shared report carries a few dozen small PNGs).
+MAX_REPORT_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,10 @@ class Rejection:
 
 
 def _site_and_metrics(
-    content: RecordDict, expected_keys: frozenset[str], count_key: str
+    content: RecordDict,
+    expected_keys: frozenset[str],
+    count_key: str,
+    nan_allowed: frozenset[str] = frozenset(),
 ) -> Rejection | None:
     site = content.get(str(RecordKey.SITE))
     if not isinstance(site, ConfigRecord):
@@ -69,6 +79,8 @@ def _site_and_metrics(
     for key, value in metrics.items():
         if isinstance(value, list | bool):
             return Rejection("metric_type", f"metric {key!r} is not a single number")
+        if math.isnan(float(value)) and key in nan_allowed:
+            continue
         if not math.isfinite(float(value)):
             return Rejection("non_finite", f"metric {key!r} is not finite")
     count = metrics[count_key]
@@ -179,9 +191,19 @@ def check_support_reply(
     return None
 
 
-def check_eval_reply(content: RecordDict) -> Rejection | None:
-    """Check an ``evaluate`` reply: fixed metric schema, finite values, rates in ``[0, 1]``."""
-    problem = _site_and_metrics(content, EVAL_METRIC_KEYS, str(EvalMetric.NUM_EXAMPLES))
+def check_eval_reply(content: RecordDict, *, num_classes: int) -> Rejection | None:
+    """Check an ``evaluate`` reply: fixed metric schema, rates in ``[0, 1]``, one report.
+
+    Every ``val.*`` value must be finite; an explanation metric (``xai/*``) may be ``nan``
+    ("does not apply at this site"), never infinite. The report must be one JSON object no
+    larger than :data:`MAX_REPORT_BYTES` that names the replying site.
+    """
+    problem = _site_and_metrics(
+        content,
+        eval_metric_keys(num_classes),
+        str(EvalMetric.NUM_EXAMPLES),
+        nan_allowed=xai_metric_keys(num_classes),
+    )
     if problem is not None:
         return problem
     metrics = content[str(RecordKey.METRICS)]
@@ -191,7 +213,42 @@ def check_eval_reply(content: RecordDict) -> Rejection | None:
         EvalMetric.BALANCED_ACCURACY,
         EvalMetric.ACCURACY,
         EvalMetric.AUROC_DEFINED,
+        EvalMetric.ECE,
     ):
         if not 0.0 <= float(metrics[str(key)]) <= 1.0:
             return Rejection("out_of_range", f"metric {str(key)!r} outside [0, 1]")
+    report, problem = _report_of(content)
+    if problem is not None:
+        return problem
+    site = content[str(RecordKey.SITE)][str(SiteKey.NAME)]
+    if report is not None and report.get("provenance", {}).get("site") != site:
+        return Rejection("bad_report", "the report names another site")
     return None
+
+
+def _report_of(content: RecordDict) -> tuple[dict | None, Rejection | None]:
+    record = content.get(str(RecordKey.REPORT))
+    if not isinstance(record, ConfigRecord) or set(record.keys()) != {str(ReportKey.JSON)}:
+        return None, Rejection("missing_report", "no 'report' ConfigRecord with one 'json' entry")
+    text = record[str(ReportKey.JSON)]
+    if not isinstance(text, str) or len(text) > MAX_REPORT_BYTES:
+        return None, Rejection("bad_report", f"the report is not a string of <= {MAX_REPORT_BYTES}")
+    try:
+        report = json.loads(text, parse_constant=_reject_constant)
+    except ValueError:
+        return None, Rejection("bad_report", "the report is not strict JSON")
+    if not isinstance(report, dict) or not isinstance(report.get("provenance"), dict):
+        return None, Rejection("bad_report", "the report is not an object with a provenance")
+    return report, None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def report_of(content: RecordDict) -> dict:
+    """The report of an ``evaluate`` reply that passed :func:`check_eval_reply`."""
+    report, problem = _report_of(content)
+    if report is None:
+        raise ValueError(problem.detail if problem else "no report")
+    return report

@@ -18,7 +18,36 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["PIXEL_SECTIONS", "REPORT_SECTIONS", "redact", "render_report_html"]
+from sic_core.wire import XaiMetric
+
+__all__ = [
+    "PIXEL_SECTIONS",
+    "REPORT_SECTIONS",
+    "XAI_THRESHOLDS",
+    "crosses_threshold",
+    "json_safe",
+    "redact",
+    "render_federation_summary_html",
+    "render_report_html",
+]
+
+#: Dashboard thresholds (also logged as MLflow params ``xai_threshold/<metric>``): a value
+#: above its threshold is flagged, except localisation lift, flagged below it.
+XAI_THRESHOLDS: dict[str, float] = {
+    str(XaiMetric.COMPLETENESS): 1e-4,
+    str(XaiMetric.ARTIFACT_MASS_LIFT): 2.0,
+    str(XaiMetric.RMA_LIFT): 1.0,
+}
+_FLAGGED_BELOW = frozenset({str(XaiMetric.RMA_LIFT)})
+
+
+def crosses_threshold(key: str, value: float) -> bool:
+    """Whether ``value`` of metric ``key`` crosses its dashboard threshold (``nan``: no)."""
+    threshold = XAI_THRESHOLDS.get(key)
+    if threshold is None or not math.isfinite(value):
+        return False
+    return value < threshold if key in _FLAGGED_BELOW else value > threshold
+
 
 REPORT_SECTIONS = (
     ("provenance", "1. Provenance"),
@@ -104,6 +133,10 @@ def _bar_chart(bars: Sequence[tuple[str, float]], *, width: int = 420) -> str:
     return "".join(parts)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def _line_chart(
     series: Sequence[float | None],
     band: Sequence[Sequence[float]] | None = None,
@@ -112,8 +145,8 @@ def _line_chart(
     height: int = 44,
 ) -> str:
     """A sparkline of one metric over rounds, with the other sites' band (min-max) behind it."""
-    points = [(i, v) for i, v in enumerate(series) if v is not None and math.isfinite(v)]
-    band_points = [b for b in (band or []) if len(b) == 2 and all(math.isfinite(x) for x in b)]
+    points = [(i, v) for i, v in enumerate(series) if _is_number(v)]
+    band_points = [b for b in (band or []) if len(b) == 2 and all(_is_number(x) for x in b)]
     values = [v for _, v in points] + [x for b in band_points for x in b]
     if not values:
         return '<span class="muted">no data</span>'
@@ -147,14 +180,17 @@ def _reliability_diagram(bins: Sequence[Mapping[str, float]], *, size: int = 180
         f'<svg width="{size}" height="{size}" role="img" aria-label="reliability diagram">'
         f'<line x1="0" y1="{size}" x2="{size}" y2="0" stroke="#bbb" stroke-dasharray="4"/>'
     ]
-    width = size / len(bins)
     for i, entry in enumerate(bins):
         accuracy = entry.get("accuracy")
         if accuracy is None or not math.isfinite(accuracy):
             continue
+        # Bins carry their confidence edges (empty bins are left out); else equal widths.
+        lower = entry.get("lower", i / len(bins))
+        upper = entry.get("upper", (i + 1) / len(bins))
         height = accuracy * size
         parts.append(
-            f'<rect x="{i * width + 1:.1f}" y="{size - height:.1f}" width="{width - 2:.1f}" '
+            f'<rect x="{lower * size + 1:.1f}" y="{size - height:.1f}" '
+            f'width="{max((upper - lower) * size - 2, 1):.1f}" '
             f'height="{height:.1f}" fill="#6b8cce" opacity="0.8"/>'
         )
     parts.append("</svg>")
@@ -291,6 +327,64 @@ def render_report_html(report: Mapping[str, Any]) -> str:
         f"<title>{_escape(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{_escape(title)}</h1>{sections}</body></html>"
     )
+
+
+def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
+    """The federation summary (``server.reports.federation_summary``) as one HTML page.
+
+    One table per round (a row per site: performance, explanation quality, outlier flags),
+    then one trend line per metric and site over the rounds.
+    """
+    columns = list(summary.get("columns", []))
+    rows = list(summary.get("rows", []))
+    title = f"SIC federation summary: {summary.get('run', '')}"
+    flagged = summary.get("flagged_sites_last_round", [])
+    parts = [
+        f"<p>Sites flagged in the last round: "
+        f'<span class="{"flag" if flagged else "ok"}">'
+        f"{_escape(', '.join(flagged) or 'none')}</span>. Flags: drift robust z-score "
+        "above 3 among the sites, completeness above its hard gate, artifact mass lift above "
+        "its threshold.</p>",
+        _key_values(summary.get("thresholds", {})),
+    ]
+    for server_round in summary.get("rounds", []):
+        in_round = [row for row in rows if row.get("round") == server_round]
+        parts.append(f"<h3>Round {_escape(server_round)}</h3>")
+        parts.append(
+            _table(
+                ["site", *columns, "flags"],
+                [
+                    [row["site"], *(row.get(c) for c in columns), ", ".join(row.get("flags", []))]
+                    for row in in_round
+                ],
+            )
+        )
+    sites = sorted({row["site"] for row in rows})
+    body = ""
+    for column in columns:
+        charts = "".join(
+            f"<td>{_line_chart([row.get(column) for row in rows if row['site'] == site])}</td>"
+            for site in sites
+        )
+        body += f"<tr><td>{_escape(column)}</td>{charts}</tr>"
+    head = "".join(f"<th>{_escape(h)}</th>" for h in ["metric", *sites])
+    parts.append(f"<h3>Trends over rounds</h3><table><tr>{head}</tr>{body}</table>")
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_escape(title)}</h1>{''.join(parts)}</body></html>"
+    )
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (strict JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def redact(report: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,10 +11,12 @@ One round exchanges three messages per site (server -> site | site -> server):
 - ``query.support``: ``arrays``, ``support``, ``config`` | ``stats`` (per-class cluster sums
   and counts),
   ``metrics`` (:class:`SupportMetric`), ``site``.
-- ``evaluate``: ``arrays``, ``support``, ``config`` | ``metrics`` (:class:`EvalMetric`),
-  ``site``.
+- ``evaluate``: ``arrays``, ``support``, ``config`` | ``metrics`` (:class:`EvalMetric` plus
+  the explanation-quality keys of :func:`xai_metric_keys`), ``report`` (the site's round
+  report, redacted unless the site allows sharing example images), ``site``.
 
-Nothing else may leave a site: no pixels, file names, patient ids, per-image embeddings or
+Nothing else may leave a site: no pixels (but in a report the site's config allows to share),
+file names, patient ids, per-image embeddings or
 free-text exception messages (a failure travels as one :class:`ErrorReason` code).
 """
 
@@ -36,12 +38,17 @@ __all__ = [
     "EvalMetric",
     "QueryName",
     "RecordKey",
+    "ReportKey",
     "SiteKey",
     "SupportMetric",
     "TrainMetric",
+    "XaiMetric",
+    "eval_metric_keys",
     "format_error",
     "is_error_reason",
     "parse_error",
+    "support_jaccard_key",
+    "xai_metric_keys",
 ]
 
 
@@ -60,6 +67,15 @@ class RecordKey(StrEnum):
     SITE = "site"
     #: ``ArrayRecord`` of per-class cluster statistics (``SUMS``, ``COUNTS``).
     STATS = "stats"
+    #: ``ConfigRecord`` holding the site's round report (:class:`ReportKey`).
+    REPORT = "report"
+
+
+class ReportKey(StrEnum):
+    """Keys of the ``report`` ``ConfigRecord`` of an ``evaluate`` reply."""
+
+    #: The report as one JSON document (see :mod:`sic_core.report`).
+    JSON = "json"
 
 
 class ArrayKey(StrEnum):
@@ -161,8 +177,53 @@ class EvalMetric(StrEnum):
     AUROC_GLOBAL_SUPPORT = "val.auroc-global-support"
     #: Support vectors replaced by a real local image (classes absent here keep the global).
     LOCAL_SUPPORTS = "val.local-supports"
+    #: Expected calibration error over 15 bins.
+    ECE = "val.ece"
     SECONDS = "val.seconds"
     STARTUP = "val.startup-seconds"
+    #: Seconds of the explanation-quality metrics and the report (part of ``SECONDS``).
+    XAI_SECONDS = "xai.seconds"
+
+
+class XaiMetric(StrEnum):
+    """Explanation-quality metrics of an ``evaluate`` reply (METRICS.md; also the MLflow keys).
+
+    ``nan`` means "does not apply at this site this round" (no lesion masks, no marker, first
+    round for stability); every other value is finite.
+    """
+
+    COMPLETENESS = "xai/completeness_max_rel_err"
+    EVIDENCE_CONCENTRATION = "xai/evidence_concentration"
+    GINI = "xai/gini"
+    TOP_SUPPORT_AGREEMENT = "xai/top_support_agreement"
+    RMA_LIFT = "xai/rma_lift"
+    POINTING_GAME = "xai/pointing_game"
+    POINTING_GAME_BASELINE = "xai/pointing_game_baseline"
+    ARTIFACT_MASS_LIFT = "xai/artifact_mass_lift"
+    MARKER_COUNTERFACTUAL_SHIFT = "xai/marker_counterfactual_shift"
+    MARKER_COUNTERFACTUAL_FLIPS = "xai/marker_counterfactual_flips"
+    DELETION_AUC = "xai/deletion_auc"
+    INSERTION_AUC = "xai/insertion_auc"
+    DELETION_RANDOM_GAP = "xai/deletion_random_gap"
+    INSERTION_RANDOM_GAP = "xai/insertion_random_gap"
+    MAX_SENSITIVITY = "xai/max_sensitivity"
+    DP_NOISE_RANK_CORR = "xai/dp_noise_rank_corr"
+    DRIFT_TO_GLOBAL = "xai/drift_to_global"
+
+
+def support_jaccard_key(class_index: int) -> str:
+    """``xai/support_jaccard/c<class>``: this round's vs last round's support image ids."""
+    return f"xai/support_jaccard/c{class_index}"
+
+
+def xai_metric_keys(num_classes: int) -> frozenset[str]:
+    """Every explanation-quality key an ``evaluate`` reply carries for ``num_classes``."""
+    return frozenset(XaiMetric) | {support_jaccard_key(c) for c in range(num_classes)}
+
+
+def eval_metric_keys(num_classes: int) -> frozenset[str]:
+    """The full metric schema of an ``evaluate`` reply."""
+    return EVAL_METRIC_KEYS | xai_metric_keys(num_classes)
 
 
 #: State-dict entries that never travel in ``arrays`` (the support set has its own record).

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["auroc", "balanced_accuracy", "expected_calibration_error"]
+__all__ = ["auroc", "balanced_accuracy", "expected_calibration_error", "reliability_bins"]
 
 
 def _binary_auroc(scores: Tensor, positive: Tensor) -> float:
@@ -61,11 +61,14 @@ def balanced_accuracy(predicted: Tensor, labels: Tensor) -> float:
     return sum(recalls) / len(recalls) if recalls else math.nan
 
 
-def expected_calibration_error(probabilities: Tensor, labels: Tensor, bins: int = 15) -> float:
-    """ECE = sum_b (n_b / N) |accuracy_b - confidence_b| over ``bins`` equal-width bins.
+def reliability_bins(
+    probabilities: Tensor, labels: Tensor, bins: int = 15
+) -> list[dict[str, float]]:
+    """Accuracy and mean confidence per equal-width confidence bin (the reliability diagram).
 
     Confidence is the predicted class's probability ``p_max``; SIC's per-class probabilities
-    are independent sigmoids, so they are normalised over classes first.
+    are independent sigmoids, so they are normalised over classes first. Empty bins are left
+    out.
 
     Parameters
     ----------
@@ -73,20 +76,44 @@ def expected_calibration_error(probabilities: Tensor, labels: Tensor, bins: int 
         ``(N, C)`` non-negative scores per class (e.g. ``sigmoid(z)``).
     labels
         ``(N,)`` integer classes.
+
+    Returns
+    -------
+    list of dict
+        ``{"lower", "upper", "confidence", "accuracy", "share"}`` per non-empty bin, where
+        ``share = n_b / N``.
     """
     probabilities = probabilities.detach().double().cpu()
     labels = labels.detach().long().cpu()
     if probabilities.shape[0] == 0:
-        return math.nan
+        return []
     normalised = probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
     confidence, predicted = normalised.max(dim=1)
     correct = (predicted == labels).double()
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
     index = torch.bucketize(confidence, edges[1:-1], right=True)
-    total = 0.0
+    rows = []
     for b in range(bins):
         in_bin = index == b
         if in_bin.any():
-            gap = (correct[in_bin].mean() - confidence[in_bin].mean()).abs().item()
-            total += in_bin.double().mean().item() * gap
-    return total
+            rows.append(
+                {
+                    "lower": float(edges[b]),
+                    "upper": float(edges[b + 1]),
+                    "confidence": float(confidence[in_bin].mean()),
+                    "accuracy": float(correct[in_bin].mean()),
+                    "share": float(in_bin.double().mean()),
+                }
+            )
+    return rows
+
+
+def expected_calibration_error(probabilities: Tensor, labels: Tensor, bins: int = 15) -> float:
+    """ECE = sum_b (n_b / N) |accuracy_b - confidence_b| over ``bins`` equal-width bins.
+
+    The bins are those of :func:`reliability_bins` (``nan`` for no images).
+    """
+    rows = reliability_bins(probabilities, labels, bins)
+    if not rows:
+        return math.nan
+    return sum(row["share"] * abs(row["accuracy"] - row["confidence"]) for row in rows)

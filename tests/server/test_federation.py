@@ -27,7 +27,7 @@ from client.synth import generate_synthcxr
 from server.app import main
 from server.checkpoint import RunFiles, load_checkpoint, read_rounds, read_status
 from sic_core import create_model
-from sic_core.wire import SUPPORT_BUFFER_KEYS, ArrayKey, RecordKey, parse_error
+from sic_core.wire import SUPPORT_BUFFER_KEYS, ArrayKey, RecordKey, ReportKey, parse_error
 from tests.server.fedkit import FakeGrid, server_identity
 
 SIZE = 32
@@ -48,7 +48,14 @@ def derived_site(
     """A site reading ``source``'s DICOM files with another name, label subset or size."""
     target.mkdir(parents=True)
     config = yaml.safe_load((source / "site.yaml").read_text())
-    config.update({"name": name, "state_dir": str(target / "state")})
+    # A derived site keeps its example images to itself: its reports leave redacted.
+    config.update(
+        {
+            "name": name,
+            "state_dir": str(target / "state"),
+            "reporting": {"share_example_images": False},
+        }
+    )
     config["data"].update(
         {"labels_csv": str(target / "labels.csv"), "root": str(source), "image_size": image_size}
     )
@@ -152,8 +159,41 @@ def test_site_state_persists_across_rounds(federation: Federation) -> None:
     progress = federation.grid.contexts[node].state[STATE_PROGRESS]
     assert progress["rounds-trained"] == ROUNDS
     assert progress["last-eval-round"] == ROUNDS
-    report = Path(load_site_config(federation.site_yamls["site_a"]).state_dir) / "reports"
-    assert json.loads((report / "round_002.json").read_text())["site"] == "site_a"
+    reports = Path(load_site_config(federation.site_yamls["site_a"]).state_dir) / "reports"
+    full = json.loads((reports / "round_002" / "report.json").read_text())
+    assert full["provenance"]["site"] == "site_a"
+    assert full["provenance"]["round"] == 2
+    assert full["gallery"] and full["support_set"]  # the site's own copy has its images
+    assert (reports / "round_002" / "report.html").read_text().startswith("<!DOCTYPE html>")
+    history = json.loads((reports / "history.json").read_text())
+    assert [entry["round"] for entry in history] == [1, 2]
+    state = json.loads((reports / "explanation_state.json").read_text())
+    assert len(state["support_ids"]) == 6
+
+
+def test_server_keeps_each_sites_report_and_a_federation_summary(federation: Federation) -> None:
+    reports = federation.files.reports_dir
+    for server_round in (1, 2):
+        for site in (*REAL_SITES, "site_nonodule"):
+            folder = reports / f"round_{server_round:03d}" / site
+            report = json.loads((folder / "report.json").read_text())
+            assert report["provenance"]["site"] == site
+            keys = {row["key"] for row in report["xai"]}
+            assert "xai/completeness_max_rel_err" in keys
+            # The server adds what only it knows: rank among sites, others' band, flags.
+            assert all("rank" in row and "band" in row for row in report["xai"])
+            assert set(report["flags"]) == {
+                "flag/drift_outlier",
+                "flag/completeness",
+                "flag/artifact_mass_lift",
+            }
+            assert (
+                "<h2>5. Explanation-quality dashboard</h2>" in (folder / "report.html").read_text()
+            )
+    summary = json.loads((reports / "federation_summary.json").read_text())
+    assert summary["rounds"] == [1, 2]
+    assert {row["site"] for row in summary["rows"]} == {*REAL_SITES, "site_nonodule"}
+    assert (reports / "federation_summary.html").exists()
 
 
 def _private_tokens(site_yamls: dict[str, Path]) -> set[str]:
@@ -183,7 +223,7 @@ def test_no_pixels_file_names_or_patient_ids_leave_a_site(federation: Federation
     allowed = {
         "train": {str(RecordKey.ARRAYS), str(RecordKey.METRICS), str(RecordKey.SITE)},
         "query.support": {str(RecordKey.STATS), str(RecordKey.METRICS), str(RecordKey.SITE)},
-        "evaluate": {str(RecordKey.METRICS), str(RecordKey.SITE)},
+        "evaluate": {str(RecordKey.METRICS), str(RecordKey.SITE), str(RecordKey.REPORT)},
     }
     seen_types = set()
     errors = 0
@@ -200,7 +240,7 @@ def test_no_pixels_file_names_or_patient_ids_leave_a_site(federation: Federation
             if isinstance(record, ConfigRecord):
                 for value in record.values():
                     assert isinstance(value, str) and not isinstance(value, bytes)
-                    assert not any(token in value for token in tokens), (name, value)
+                    assert not any(token in value for token in tokens), (name, value[:200])
             elif isinstance(record, MetricRecord):
                 assert all(isinstance(v, int | float) for v in record.values())
             else:
@@ -214,6 +254,16 @@ def test_no_pixels_file_names_or_patient_ids_leave_a_site(federation: Federation
                     assert array.numpy().shape[-2:] != (SIZE, SIZE)
     assert seen_types == set(allowed)
     assert errors == 3 * ROUNDS  # site_bad: every phase of every round
+    sharing = {"site_a": True, "site_nonodule": False}
+    for _, reply in federation.grid.sent_by_sites:
+        if reply.has_error() or str(RecordKey.REPORT) not in reply.content:
+            continue
+        text = reply.content[str(RecordKey.REPORT)][str(ReportKey.JSON)]
+        report = json.loads(text)
+        site = report["provenance"]["site"]
+        if site in sharing:
+            assert ("data:image/png" in text) is sharing[site], site
+            assert report["redacted"] is not sharing[site], site
 
 
 def test_every_reply_is_finite(federation: Federation) -> None:
