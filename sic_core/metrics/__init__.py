@@ -1,6 +1,11 @@
 """Metrics of predictions and explanations (batched PyTorch; each docstring states its formula)."""
 
-from sic_core.metrics.classification import auroc, balanced_accuracy, expected_calibration_error
+from sic_core.metrics.classification import (
+    auroc,
+    balanced_accuracy,
+    expected_calibration_error,
+    reliability_bins,
+)
 from sic_core.metrics.maps import (
     completeness_max_rel_err,
     evidence_concentration,
@@ -40,6 +45,7 @@ __all__ = [
     "max_sensitivity",
     "parameter_noise_rank_correlation",
     "pointing_game",
+    "reliability_bins",
     "robust_z",
     "spearman",
     "support_jaccard",
