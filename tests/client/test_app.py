@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,14 +17,16 @@ from client.app import STATE_LOCAL_SUPPORT, STATE_PROGRESS, app
 from server.app import initial_weights, round_configs
 from server.settings import RunSettings
 from server.strategy import SUPPORT_MESSAGE_TYPE, support_record
+from server.validation import check_eval_reply
 from sic_core.support import SupportSet
 from sic_core.wire import (
-    EVAL_METRIC_KEYS,
     SUPPORT_METRIC_KEYS,
     TRAIN_METRIC_KEYS,
     ArrayKey,
     RecordKey,
+    ReportKey,
     SiteKey,
+    eval_metric_keys,
     parse_error,
 )
 from tests.server.fedkit import server_identity, write_site
@@ -107,7 +110,10 @@ def test_evaluate_scores_with_local_supports_and_keeps_them_at_the_site(site: Pa
     reply = app(incoming(MessageType.EVALUATE, server_round=3), context)
     assert not reply.has_error(), reply.error
     metrics = reply.content[str(RecordKey.METRICS)]
-    assert set(metrics.keys()) == EVAL_METRIC_KEYS
+    assert set(metrics.keys()) == eval_metric_keys(2)
+    assert check_eval_reply(reply.content, num_classes=2) is None
+    assert metrics["xai/completeness_max_rel_err"] < 1e-4
+    assert 0 < metrics["xai.seconds"] < metrics["val.seconds"]
     assert metrics["num-examples"] == 12
     assert metrics["val.local-supports"] == 6
     for key in ("val.auroc", "val.balanced-accuracy", "val.accuracy"):
@@ -115,8 +121,14 @@ def test_evaluate_scores_with_local_supports_and_keeps_them_at_the_site(site: Pa
     indices = context.state[STATE_LOCAL_SUPPORT]["indices"].numpy()
     assert indices.shape == (6,) and (indices >= 0).all()
     assert context.state[STATE_PROGRESS]["last-eval-round"] == 3
-    report = Path(site).parent / "state" / "reports" / "round_003.json"
-    assert report.exists()
+    reports = Path(site).parent / "state" / "reports"
+    kept = json.loads((reports / "round_003" / "report.json").read_text())
+    assert kept["provenance"]["round"] == 3 and kept["gallery"]
+    assert (reports / "round_003" / "report.html").exists()
+    assert (Path(site).parent / "state" / "model" / "latest.pt").exists()
+    sent = json.loads(reply.content[str(RecordKey.REPORT)][str(ReportKey.JSON)])
+    assert sent["redacted"] is True and "gallery" not in sent  # this site does not share
+    assert sent["provenance"]["audit_set"] == kept["provenance"]["audit_set"]
 
 
 def test_state_counts_rounds_across_messages(site: Path) -> None:

@@ -22,6 +22,7 @@ from sic_core.metrics import (
     max_sensitivity,
     parameter_noise_rank_correlation,
     pointing_game,
+    reliability_bins,
     robust_z,
     spearman,
     support_jaccard,
@@ -92,6 +93,21 @@ def test_classification_metrics() -> None:
     confident_right = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     assert expected_calibration_error(confident_right, torch.tensor([1, 0])) == pytest.approx(0)
     assert expected_calibration_error(confident_right, torch.tensor([0, 1])) == pytest.approx(1)
+
+
+def test_reliability_bins_place_each_image_by_its_normalised_confidence() -> None:
+    # Normalised confidences 0.9, 0.9, 0.6, 0.6: two bins, one all right, one half right.
+    probabilities = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.6, 0.4], [0.4, 0.6]])
+    labels = torch.tensor([0, 1, 0, 0])
+    bins = reliability_bins(probabilities, labels, bins=10)
+    assert [(b["lower"], b["share"]) for b in bins] == [
+        (pytest.approx(0.6), 0.5),  # bins are [lower, upper)
+        (pytest.approx(0.8), 0.5),
+    ]
+    assert [b["accuracy"] for b in bins] == [0.5, 1.0]
+    assert [b["confidence"] for b in bins] == [pytest.approx(0.6), pytest.approx(0.9)]
+    # ECE = 0.5 * |0.5 - 0.6| + 0.5 * |1.0 - 0.9| = 0.1
+    assert expected_calibration_error(probabilities, labels, bins=10) == pytest.approx(0.1)
 
 
 def _trained_like_model():
