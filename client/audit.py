@@ -11,8 +11,9 @@ Conventions
 - Class 0 is the normal class; every other class is a finding ("positive"). Localisation
   uses true positives with a lesion mask and their true class's map; shortcut mass uses the
   first positive class's map on images with a marker mask.
-- A metric that does not apply at a site (no lesion masks, no marker) is ``nan``; the
-  server logs only finite values.
+- A metric that does not apply at a site (no lesion masks; no earlier round for stability)
+  is ``nan``; the server logs only finite values. Shortcut metrics always apply: a site
+  without marked images measures them on audit cases with the public marker burned in.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from client.synth.render import public_marker_mask
 from sic_core import SICModel, explain
 from sic_core.metrics import (
     completeness_max_rel_err,
@@ -119,6 +121,21 @@ def _nanmedian(values: Tensor) -> float:
     return float(finite.median()) if finite.numel() else math.nan
 
 
+def _pasted_markers(audit: AuditSet, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Audit images with the public marker burned in, their masks, and clean images.
+
+    The first ``count`` audit cases get the marker (pixels set to white, as SynthCXR burns
+    it in); the next ``count`` stay clean for the counterfactual paste test.
+    """
+    size = audit.images.shape[-1]
+    mask = torch.from_numpy(public_marker_mask(size))
+    originals = audit.images[:count]
+    marked = originals.clone()
+    marked[:, :, mask] = 1.0
+    masks = mask.expand(originals.shape[0], size, size)
+    return marked, masks, audit.images[count : 2 * count]
+
+
 def audit_metrics(
     model: SICModel,
     audit: AuditSet,
@@ -130,6 +147,7 @@ def audit_metrics(
     parameter_noise_std: float = 0.01,
     steps: int = 16,
     curve_images: int = 16,
+    pasted_images: int = 16,
     seed: int = 0,
 ) -> tuple[dict[str, float], ExplanationState]:
     """Every per-round explanation-quality metric of METRICS.md on the audit set.
@@ -152,6 +170,11 @@ def audit_metrics(
         mechanism's per-step scale at DP sites).
     steps, curve_images
         Deletion/insertion steps, and how many audit cases (the first ones) get curves.
+    pasted_images
+        At a site whose audit set has no marked image, shortcut mass and the counterfactual
+        shift are measured on this many audit cases with the public marker burned in
+        (:func:`client.synth.render.public_marker_mask`), so that every site reports them
+        and the shortcut site stands out by its model, not by its data alone.
     """
     result = explain(model, audit.images)
     predicted = result.predicted
@@ -189,16 +212,20 @@ def audit_metrics(
     metrics[XaiMetric.POINTING_GAME] = hit
     metrics[XaiMetric.POINTING_GAME_BASELINE] = baseline
 
-    positive_maps = result.class_maps[:, POSITIVE_CLASS]
     marked = audit.marker.flatten(1).any(1)
-    metrics[XaiMetric.ARTIFACT_MASS_LIFT] = _nanmedian(
-        mass_lift(positive_maps[marked], audit.marker[marked])
-    )
+    if marked.any():
+        marked_images, marker_masks = audit.images[marked], audit.marker[marked]
+        marked_maps = result.class_maps[marked, POSITIVE_CLASS]
+        clean_images = audit.images[~marked]
+    else:
+        marked_images, marker_masks, clean_images = _pasted_markers(audit, pasted_images)
+        marked_maps = explain(model, marked_images).class_maps[:, POSITIVE_CLASS]
+    metrics[XaiMetric.ARTIFACT_MASS_LIFT] = _nanmedian(mass_lift(marked_maps, marker_masks))
     shift = marker_counterfactual_shift(
         model,
-        audit.images[marked],
-        audit.marker[marked].unsqueeze(1),
-        audit.images[~marked],
+        marked_images,
+        marker_masks.unsqueeze(1),
+        clean_images,
         positive_class=POSITIVE_CLASS,
     )
     metrics[XaiMetric.MARKER_COUNTERFACTUAL_SHIFT] = shift.shift

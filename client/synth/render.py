@@ -21,7 +21,7 @@ from scipy.ndimage import gaussian_filter
 from client.synth.font import render_text
 from client.synth.params import Preset, SiteSpec
 
-__all__ = ["Case", "Lesion", "Rendered", "render_case"]
+__all__ = ["Case", "Lesion", "Rendered", "public_marker_mask", "render_case"]
 
 LesionType = Literal["none", "solid", "cavitary"]
 
@@ -302,6 +302,17 @@ def _marker(
     top, left = min(max(top, 0), size - height), min(max(left, 0), size - width)
     mask[top : top + height, left : left + width] = bitmap
     return mask
+
+
+def public_marker_mask(size: int) -> np.ndarray:
+    """``(size, size)`` bool mask of the burned-in marker at a fixed, typical position.
+
+    The same text and font as the shortcut site's marker, placed as on an image with a mid
+    collimation and mid inset (no randomness): a site without markers pastes it onto its
+    audit images, so that shortcut metrics compare across sites.
+    """
+    mid = -1.0 + 0.08
+    return _marker(size, (mid, mid, -mid, -mid), np.random.default_rng(0))
 
 
 def render_case(

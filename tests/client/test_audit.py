@@ -8,7 +8,9 @@ import math
 import torch
 
 from client.audit import audit_metrics, select_audit_set
+from client.synth.render import public_marker_mask
 from sic_core import create_model
+from sic_core.wire import xai_metric_keys
 
 
 def _split(n: int = 40, size: int = 24):
@@ -71,6 +73,7 @@ def test_audit_metrics_cover_the_dashboard_and_track_stability() -> None:
         "xai/gini",
     }
     assert expected_keys <= set(first)
+    assert set(first) == xai_metric_keys(2)  # exactly the wire schema
     assert first["xai/completeness_max_rel_err"] < 1e-4
     assert math.isnan(first["xai/top_support_agreement"])
     assert math.isfinite(first["xai/drift_to_global"]) and math.isfinite(
@@ -82,3 +85,22 @@ def test_audit_metrics_cover_the_dashboard_and_track_stability() -> None:
     assert math.isnan(second["xai/drift_to_global"])
     moved, _ = audit_metrics(model, audit, support_ids=ids + 100, previous=state, steps=4)
     assert moved["xai/support_jaccard/c1"] == 0.0 and moved["xai/top_support_agreement"] == 0.0
+
+
+def test_a_site_without_markers_measures_shortcuts_on_the_public_marker_pasted_in() -> None:
+    images, labels, masks = _split()
+    del masks["marker"]
+    audit = select_audit_set(images, labels, masks, size=16, seed=0)
+    assert not audit.marker.any()
+    model = create_model("bcos_cnn_small", 1, 2, n_shot=2, proj_dim=16, width=8)
+    model.set_support(torch.rand(4, 16) + 0.1, torch.tensor([0, 0, 1, 1]))
+    metrics, _ = audit_metrics(
+        model, audit, support_ids=torch.arange(4), previous=None, steps=4, pasted_images=4
+    )
+    assert math.isfinite(metrics["xai/artifact_mass_lift"])
+    assert math.isfinite(metrics["xai/marker_counterfactual_shift"])
+    assert public_marker_mask(images.shape[-1]).any()
+    # A small text in the top-right corner, as SynthCXR burns it in.
+    mask = public_marker_mask(64)
+    rows, cols = mask.nonzero()
+    assert 0 < mask.mean() < 0.03 and rows.max() < 16 and cols.min() > 32
