@@ -1,4 +1,4 @@
-"""The coordinator CLI: ``python -m server start | run | status | stop | demo``.
+"""The coordinator CLI: ``python -m server start | run | status | stop | demo | report``.
 
 Examples
 --------
@@ -12,6 +12,10 @@ Operate a deployment::
     python -m server run --home /srv/sicfed --set rounds=10 --set strategy=fedprox
     python -m server status --home /srv/sicfed
     python -m server stop --home /srv/sicfed
+
+Rebuild a run's per-site reports and federation summary from MLflow::
+
+    python -m server report /srv/sicfed/runs/4242
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import typer
 
 from server.commands.demo import demo
+from server.commands.report import report
 from server.commands.run import run
 from server.commands.start import start
 from server.commands.status import status
@@ -35,3 +40,4 @@ app.command("run")(run)
 app.command("status")(status)
 app.command("stop")(stop)
 app.command("demo")(demo)
+app.command("report")(report)

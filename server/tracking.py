@@ -9,11 +9,14 @@ parent run; each site's round report under ``reports/round_XXX/`` of its child r
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
@@ -22,7 +25,14 @@ from server.reports import threshold_params
 from server.strategy import PhaseReport
 from sic_core.wire import EvalMetric, SupportMetric, TrainMetric
 
-__all__ = ["SITE_METRIC_NAMES", "MlflowTracker", "experiment_name", "site_metric_name"]
+__all__ = [
+    "SITE_METRIC_NAMES",
+    "MlflowTracker",
+    "StoredFederation",
+    "experiment_name",
+    "read_federation",
+    "site_metric_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +202,64 @@ class MlflowTracker:
         for run_id in self.site_run_ids.values():
             self.client.set_terminated(run_id, status=terminal)
         self.client.set_terminated(self.parent_run_id, status=terminal)
+
+
+@dataclass
+class StoredFederation:
+    """What MLflow holds of a federation run's explanation reporting.
+
+    Attributes
+    ----------
+    run
+        The parent run's name (``fed-<run id>``).
+    values
+        round -> site -> ``perf/*`` and ``xai/*`` values.
+    flags
+        round -> site -> ``flag/*`` values.
+    reports
+        round -> site -> the report JSON the server stored.
+    """
+
+    run: str
+    values: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    flags: dict[int, dict[str, dict[str, int]]] = field(default_factory=dict)
+    reports: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+
+def read_federation(client: MlflowClient, parent_run_id: str, scratch: Path) -> StoredFederation:
+    """Read every site's metric histories and stored reports of a federation run.
+
+    Parameters
+    ----------
+    client
+        A client of the tracking server that holds the run.
+    parent_run_id
+        The federation's parent run.
+    scratch
+        An empty folder for the downloaded report files.
+    """
+    parent = client.get_run(parent_run_id)
+    stored = StoredFederation(run=parent.info.run_name or parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+    )
+    for child in children:
+        site = child.data.tags.get("sicfed.site") or child.info.run_name.removeprefix("site-")
+        for key in child.data.metrics:
+            is_flag = key.startswith("flag/")
+            if not (is_flag or key.startswith(("perf/", "xai/"))):
+                continue
+            target = stored.flags if is_flag else stored.values
+            for metric in client.get_metric_history(child.info.run_id, key):
+                value = int(metric.value) if is_flag else metric.value
+                target.setdefault(metric.step, {}).setdefault(site, {})[key] = value
+        folders = [a.path for a in client.list_artifacts(child.info.run_id, "reports") if a.is_dir]
+        for folder in folders:
+            server_round = int(folder.rsplit("_", 1)[-1])
+            local = client.download_artifacts(
+                child.info.run_id, f"{folder}/report.json", str(scratch / site)
+            )
+            report = json.loads(Path(local).read_text())
+            stored.reports.setdefault(server_round, {})[site] = report
+    return stored

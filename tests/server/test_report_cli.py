@@ -1,0 +1,99 @@
+"""``python -m server report``: per-site reports and the summary rebuilt from MLflow alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from server.checkpoint import RunFiles
+from server.cli import app
+from server.federation import ExplanationRecord
+from server.strategy import PhaseReport, SiteOutcome
+from server.tracking import MlflowTracker
+from sic_core.wire import EvalMetric, XaiMetric
+
+SITES = ("site_a", "site_b", "site_c")
+
+
+def outcome(site: str, server_round: int, lift: float) -> SiteOutcome:
+    metrics = {
+        str(EvalMetric.AUROC): 0.6 + 0.1 * server_round,
+        str(EvalMetric.AUROC_DEFINED): 1.0,
+        str(XaiMetric.COMPLETENESS): 1e-7,
+        str(XaiMetric.ARTIFACT_MASS_LIFT): lift,
+        str(XaiMetric.RMA_LIFT): math.nan,
+    }
+    report = {
+        "provenance": {"site": site, "round": server_round},
+        "xai": [
+            {"key": str(XaiMetric.ARTIFACT_MASS_LIFT), "value": lift, "trend": [lift]},
+            {"key": str(XaiMetric.RMA_LIFT), "value": None, "trend": [None]},
+        ],
+        "findings": [],
+        "redacted": True,
+    }
+    return SiteOutcome(site=site, status="ok", metrics=metrics, report=report)
+
+
+@pytest.fixture
+def tracked_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[RunFiles, str]:
+    monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    files = RunFiles(tmp_path / "out", 11)
+    tracker = MlflowTracker(uri, "cli", run_name="fed-11", params={"rounds": "2"})
+    tracker.start()
+    record = ExplanationRecord(run="fed-11")
+    for server_round in (1, 2):
+        lifts = {"site_a": 1.0, "site_b": 1.5 * server_round + 2.0, "site_c": 1.1}
+        phase = PhaseReport(
+            "evaluate", server_round, tuple(outcome(s, server_round, lifts[s]) for s in SITES)
+        )
+        flags = record.add_round(server_round, phase)
+        tracker.log_round(server_round, [phase], {"time/round_s": 1.0}, flags)
+        record.write(server_round, files.reports_dir, tracker)
+        files.write_checkpoint(
+            server_round,
+            {
+                "mlflow": {"parent_run_id": tracker.parent_run_id},
+                "run_config": {"tracking-uri": uri},
+            },
+        )
+    files.write_status("completed", rounds=2)
+    tracker.finish("completed")
+    return files, uri
+
+
+def test_reports_are_rebuilt_from_mlflow_alone(tracked_run: tuple[RunFiles, str]) -> None:
+    files, _ = tracked_run
+    shutil.rmtree(files.reports_dir)
+    result = CliRunner().invoke(app, ["report", str(files.run_dir)])
+    assert result.exit_code == 0, result.output
+    for server_round in (1, 2):
+        for site in SITES:
+            folder = files.reports_dir / f"round_{server_round:03d}" / site
+            stored = json.loads((folder / "report.json").read_text())
+            assert stored["provenance"] == {"site": site, "round": server_round}
+            assert (folder / "report.html").exists()
+    site_b = json.loads((files.reports_dir / "round_002" / "site_b" / "report.json").read_text())
+    assert site_b["flags"]["flag/artifact_mass_lift"] == 1
+    assert site_b["xai"][0]["rank"] == 1
+    summary = json.loads((files.reports_dir / "federation_summary.json").read_text())
+    assert summary["rounds"] == [1, 2]
+    assert summary["flagged_sites_last_round"] == ["site_b"]
+    lifts = {
+        row["site"]: row[str(XaiMetric.ARTIFACT_MASS_LIFT)]
+        for row in summary["rows"]
+        if row["round"] == 2
+    }
+    assert lifts == {"site_a": 1.0, "site_b": 5.0, "site_c": 1.1}
+
+
+def test_report_of_a_folder_without_runs_names_what_it_expected(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "status.json" in result.output
