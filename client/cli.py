@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from client.commands import check, join, privacy, synth
+from client.commands import check, join, privacy, sanity, synth
 
 __all__ = ["app"]
 
@@ -45,3 +45,4 @@ app.command("synth")(synth.synth)
 app.command("check")(check.check)
 app.command("join")(join.join)
 app.command("privacy")(privacy.privacy)
+app.command("sanity")(sanity.sanity)
