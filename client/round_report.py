@@ -44,7 +44,7 @@ from client.data import SiteData
 from client.site_report import ReportInputs, build_site_report, write_site_report
 from client.synth.params import PRESETS, default_sites
 from client.synth.render import Case, render_case
-from sic_core import SICModel, save_checkpoint
+from sic_core import SICModel, explain, save_checkpoint
 from sic_core.atomic import atomic_write
 from sic_core.support import SupportSet
 
@@ -240,9 +240,11 @@ def audit_and_report(
     global_model = copy.deepcopy(model)
     global_model.set_support(global_support.vectors, global_support.labels)
     state_path = reports / "explanation_state.json"
+    explanation = explain(model, audit.images)
     metrics, state = audit_metrics(
         model,
         audit,
+        explanation=explanation,
         support_ids=support_indices,
         previous=_previous_state(state_path),
         global_model=global_model,
@@ -296,7 +298,7 @@ def audit_and_report(
         reliability=facts.reliability,
         sanity=_read_json(reports / "sanity.json"),
     )
-    report = build_site_report(inputs, model, audit, support_images)
+    report = build_site_report(inputs, model, audit, support_images, explanation)
     leaving = write_site_report(
         report,
         round_report_dir(config, facts.server_round),

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from client.audit import AuditSet
-from sic_core import SICModel, explain, explain_support
+from sic_core import Explanation, SICModel, explain, explain_support
 from sic_core.atomic import atomic_write
 from sic_core.report import XAI_THRESHOLDS, crosses_threshold, json_safe, redact, render_report_html
 
@@ -139,9 +139,12 @@ def _change(value: float, previous: float | None) -> float | None:
 
 
 def _gallery(
-    model: SICModel, audit: AuditSet, support_images: Tensor, class_names: Sequence[str]
+    result: Explanation,
+    model: SICModel,
+    audit: AuditSet,
+    support_images: Tensor,
+    class_names: Sequence[str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    result = explain(model, audit.images)
     wrong = torch.nonzero(result.predicted != audit.labels).flatten()
     confidence = result.logits.max(dim=1).values
     worst = wrong[confidence[wrong].argsort(descending=True)][:GALLERY_ERRORS].tolist()
@@ -209,7 +212,11 @@ def _gallery(
 
 
 def build_site_report(
-    inputs: ReportInputs, model: SICModel, audit: AuditSet, support_images: Tensor
+    inputs: ReportInputs,
+    model: SICModel,
+    audit: AuditSet,
+    support_images: Tensor,
+    explanation: Explanation | None = None,
 ) -> dict[str, Any]:
     """The full (pixel-carrying) report JSON of one round at one site.
 
@@ -223,8 +230,11 @@ def build_site_report(
         The audit set (gallery cases are its first cases plus the most confident errors).
     support_images
         ``(K, C, S, S)`` the site's training image behind each support vector.
+    explanation
+        ``explain(model, audit.images)`` if the caller has it already.
     """
-    gallery, support_set = _gallery(model, audit, support_images, inputs.class_names)
+    result = explanation if explanation is not None else explain(model, audit.images)
+    gallery, support_set = _gallery(result, model, audit, support_images, inputs.class_names)
     history = list(inputs.history)
     xai_rows = []
     for key, value in inputs.metrics.items():

@@ -293,7 +293,8 @@ def _marker(
     size: int, field: tuple[float, float, float, float], rng: np.random.Generator
 ) -> np.ndarray:
     """Burned-in text near the top-right corner of the exposed field."""
-    bitmap = render_text(_MARKER_TEXT, scale=max(1, round(size / 128)))
+    # Cropped to the image: at thumbnail sizes the text is wider than the image.
+    bitmap = render_text(_MARKER_TEXT, scale=max(1, round(size / 128)))[:size, :size]
     height, width = bitmap.shape
     inset_row, inset_col = rng.uniform(0.03, 0.06, size=2) * size
     top = int((field[1] + 1.0) / 2.0 * size + inset_row)
