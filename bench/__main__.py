@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("training", "dp", "data", "round")
+SECTIONS = ("training", "dp", "data", "round", "explain")
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 console = Console()
@@ -53,6 +53,11 @@ def _run_section(name: str, device: torch.device, workdir: Path) -> dict[str, fl
         from bench.dp_bench import run as run_dp
 
         return run_dp(device, size=128 if device.type == "cuda" else 64)
+    if name == "explain" and device.type == "cuda":
+        from bench.explain_bench import explanations_per_s
+
+        # The share of a round is a deployment figure (sites on CPUs); a GPU gives throughput.
+        return {"explanations_per_s": explanations_per_s(device, size=128, batch=256)}
     module = importlib.import_module(f"bench.{name}_bench")
     return module.run(workdir)
 

@@ -37,7 +37,7 @@ from server.coordinator import (
 )
 from server.processes import ProcessGroup, ProcessStartError
 
-__all__ = ["run"]
+__all__ = ["federate", "run", "slowest"]
 
 SITES = ("site_a", "site_b", "site_c")
 ROUNDS = 3
@@ -49,7 +49,13 @@ PHASE_STARTUP = {
 }
 
 
-def _federate(workdir: Path, data: Path, *, tuned: bool) -> list[dict]:
+def federate(
+    workdir: Path, data: Path, *, tuned: bool, settings: dict[str, Any] | None = None
+) -> list[dict]:
+    """Run one federation of the three SynthCXR sites in ``data``; return its round log.
+
+    ``settings`` override the run config of the overhead measurement (32 px, one epoch).
+    """
     coordinator = Coordinator(workdir)
     task_poll = TASK_POLL_INTERVAL if tuned else None
     with ProcessGroup() as group:
@@ -77,6 +83,7 @@ def _federate(workdir: Path, data: Path, *, tuned: bool) -> list[dict]:
             "batch-size": 16,
             "min-sites": len(SITES),
             "poll-interval": 0.1 if tuned else FLOWER_POLL_SECONDS,
+            **(settings or {}),
         }
         run_id = submit(coordinator, overrides, staging_parent=workdir)
         outcome = follow_run(
@@ -92,15 +99,16 @@ def _federate(workdir: Path, data: Path, *, tuned: bool) -> list[dict]:
     return outcome.rounds
 
 
-def _slowest(entry: dict, phase: str, key: str) -> float:
+def slowest(entry: dict, phase: str, key: str) -> float:
+    """The largest value of metric ``key`` among the sites that answered ``phase``."""
     return max(row["metrics"][key] for row in entry["sites"][phase] if row["status"] == "ok")
 
 
 def _figures(rounds: list[dict]) -> dict[str, float]:
     measured = rounds[1:] if len(rounds) > 1 else rounds
     walls = [entry["seconds"] for entry in measured]
-    compute = [sum(_slowest(e, p, k) for p, k in PHASE_SECONDS.items()) for e in measured]
-    startup = [sum(_slowest(e, p, k) for p, k in PHASE_STARTUP.items()) for e in measured]
+    compute = [sum(slowest(e, p, k) for p, k in PHASE_SECONDS.items()) for e in measured]
+    startup = [sum(slowest(e, p, k) for p, k in PHASE_STARTUP.items()) for e in measured]
     overhead = [wall - work for wall, work in zip(walls, compute, strict=True)]
     return {
         "round_wall_s": statistics.median(walls),
@@ -126,6 +134,6 @@ def run(workdir: Path) -> dict[str, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "sites"
     ensure_synthcxr(data, preset="easy", size=32, scale=0.1, seed=0, log_path=workdir / "synth.log")
-    tuned = _figures(_federate(workdir / "tuned", data, tuned=True))
-    default = _figures(_federate(workdir / "default", data, tuned=False))
+    tuned = _figures(federate(workdir / "tuned", data, tuned=True))
+    default = _figures(federate(workdir / "default", data, tuned=False))
     return {**tuned, **{f"{key}_flower_default": value for key, value in default.items()}}

@@ -7,6 +7,7 @@ import math
 import torch
 
 from bench.dp_bench import run as run_dp
+from bench.explain_bench import explanations_per_s
 from bench.training_bench import run as run_training
 
 
@@ -26,3 +27,7 @@ def test_dp_bench_reports_the_overhead_of_the_faster_mode() -> None:
         figures["dp_overhead_ratio_hooks"], figures["dp_overhead_ratio_functorch"]
     )
     assert figures["dp_overhead_ratio"] > 0
+
+
+def test_explanations_per_second_is_measured() -> None:
+    assert explanations_per_s(torch.device("cpu"), size=16, batch=2) > 0
