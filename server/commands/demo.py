@@ -223,7 +223,10 @@ def demo(
     finally:
         signal.signal(signal.SIGTERM, previous)
     console.print(round_table(outcome.rounds, title=f"Federation run {run_id}: {outcome.status}"))
-    console.print(f"per-site reports:  {out / 'sites'}/<site>/state/reports/round_XXX.json")
+    console.print(f"site reports:      {out / 'sites'}/<site>/state/reports/round_XXX/report.html")
+    reports = out / "runs" / str(run_id) / "reports"
+    console.print(f"server's copies:   {reports}/round_XXX/<site>/report.html")
+    console.print(f"federation summary: {reports / 'federation_summary.html'}")
     console.print(f"checkpoints:       {out / 'checkpoints' / str(run_id)}")
     console.print(
         "MLflow UI:         "
