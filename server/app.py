@@ -145,4 +145,25 @@ def main(grid: Grid, context: Context) -> None:
         raise
     files.write_status("completed", rounds=settings.rounds)
     if tracker is not None:
+        _register_final_model(settings, tracker, files)
         tracker.finish("completed")
+
+
+def _register_final_model(settings: RunSettings, tracker: MlflowTracker, files: RunFiles) -> None:
+    """Register the last round's global model as ``sicfed-<study>@candidate`` (best effort).
+
+    A registry failure does not fail a finished federation: the checkpoint stays on disk.
+    """
+    from server.registry import register_global_model, registered_model_name
+
+    try:
+        version = register_global_model(
+            tracking_uri=settings.tracking_uri,
+            run_id=tracker.parent_run_id,
+            checkpoint_path=files.checkpoint_path(settings.rounds),
+            model_name=registered_model_name(settings.study),
+        )
+    except SicfedError as error:
+        log.warning("the final global model was not registered: %s", error)
+        return
+    log.info("final global model: %s version %s", registered_model_name(settings.study), version)

@@ -100,7 +100,37 @@ def test_two_sites_two_rounds_on_a_real_superlink(tmp_path: Path) -> None:
             history = client.get_metric_history(child.info.run_id, "perf/auroc")
             assert sorted(metric.step for metric in history) == list(range(1, ROUNDS + 1))
             assert client.get_metric_history(child.info.run_id, "train/loss")
+            for key in (
+                "xai/completeness_max_rel_err",
+                "xai/rma_lift",
+                "xai/pointing_game",
+                "xai/deletion_auc",
+                "xai/insertion_auc",
+                "xai/artifact_mass_lift",
+                "xai/marker_counterfactual_shift",
+                "xai/drift_to_global",
+                "perf/ece",
+            ):
+                history = client.get_metric_history(child.info.run_id, key)
+                assert sorted(m.step for m in history) == list(range(1, ROUNDS + 1)), (site, key)
+            completeness = client.get_metric_history(
+                child.info.run_id, "xai/completeness_max_rel_err"
+            )
+            assert max(m.value for m in completeness) < 1e-4, site
+            # Support stability needs a previous round: from round 2 on.
+            agreement = client.get_metric_history(child.info.run_id, "xai/top_support_agreement")
+            assert [m.step for m in agreement] == list(range(2, ROUNDS + 1)), site
+            artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "reports")}
+            assert artifacts == {f"reports/round_{r:03d}" for r in range(1, ROUNDS + 1)}
+            last = f"reports/round_{ROUNDS:03d}"
+            files = {a.path for a in client.list_artifacts(child.info.run_id, last)}
+            assert files == {f"{last}/report.json", f"{last}/report.html"}
         assert len(client.get_metric_history(parent.info.run_id, "perf/mean_site_auroc")) == ROUNDS
+        assert parent.data.params["xai_threshold/completeness_max_rel_err"] == "0.0001"
+        summary = {a.path for a in client.list_artifacts(parent.info.run_id, "reports")}
+        assert {"reports/federation_summary.json", "reports/federation_summary.html"} <= summary
+        registered = client.get_model_version_by_alias("sicfed-integration", "candidate")
+        assert registered.run_id == parent.info.run_id
         watch(group)
 
     assert outcome.status == "completed"
