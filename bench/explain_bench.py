@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 
-from bench.round_bench import federate, slowest
-from server.commands.demo import ensure_synthcxr
 from sic_core import create_model, explain
 
 __all__ = ["explanations_per_s", "run"]
@@ -48,6 +46,10 @@ def explanations_per_s(device: torch.device, *, size: int = 64, batch: int = 64)
 
 def run(workdir: Path) -> dict[str, float]:
     """Both figures plus the parts of the share (``round_wall_demo_s``, ``xai_seconds_demo``)."""
+    # Deployment imports (Flower, MLflow) stay here: the GPU run needs explanations_per_s only.
+    from bench.round_bench import federate, slowest
+    from server.commands.demo import ensure_synthcxr
+
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "sites"
     ensure_synthcxr(data, preset="easy", size=64, scale=1.0, seed=0, log_path=workdir / "synth.log")
