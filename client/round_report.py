@@ -57,6 +57,7 @@ __all__ = [
     "public_probe_images",
     "reports_dir",
     "round_report_dir",
+    "sanity_path",
 ]
 
 #: Public probe set: this many SynthCXR images from this seed, identical at every site.
@@ -102,6 +103,11 @@ def reports_dir(config: SiteConfig) -> Path:
 def round_report_dir(config: SiteConfig, server_round: int) -> Path:
     """``state_dir/reports/round_XXX``: the full report of one round."""
     return reports_dir(config) / f"round_{server_round:03d}"
+
+
+def sanity_path(config: SiteConfig) -> Path:
+    """``state_dir/reports/sanity.json``: the latest milestone sanity suite (section 9)."""
+    return reports_dir(config) / "sanity.json"
 
 
 def latest_model_path(config: SiteConfig) -> Path:
@@ -296,7 +302,7 @@ def audit_and_report(
         history=[{**entry.get("perf", {}), **entry.get("xai", {})} for entry in history],
         released=facts.released,
         reliability=facts.reliability,
-        sanity=_read_json(reports / "sanity.json"),
+        sanity=_read_json(sanity_path(config)),
     )
     report = build_site_report(inputs, model, audit, support_images, explanation)
     leaving = write_site_report(

@@ -37,16 +37,12 @@ def check(
 
       python -m client check --site /data/site.yaml --list-files
     """
-    from client.config import load_site_config
+    from client.commands.common import load_config_or_exit
     from client.data import load_site_data, read_quarantine_report
-    from sic_core.errors import ConfigError, DataError
+    from sic_core.errors import DataError
 
     console = Console()
-    try:
-        config = load_site_config(site)
-    except ConfigError as error:
-        console.print(f"[red]invalid config:[/red] {error}")
-        raise typer.Exit(2) from None
+    config = load_config_or_exit(site, console)
     console.print(f"Site [bold]{config.name}[/bold]: {config.data.format} data, config valid")
     try:
         data = load_site_data(config, progress=True, workers=workers)

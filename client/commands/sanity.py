@@ -20,10 +20,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CASCADING_MAX_RANK_CORR",
     "COUNTERFACTUAL_MAX_SHIFT",
-    "latest_model_file",
     "run_sanity_suite",
     "sanity",
-    "sanity_file",
 ]
 
 #: Cascading randomisation passes when some randomised step's median rank correlation with
@@ -33,16 +31,6 @@ CASCADING_MAX_RANK_CORR = 0.5
 #: (METRICS.md: about 0 at clean sites; +0.57 at the shortcut site of the prototype).
 COUNTERFACTUAL_MAX_SHIFT = 0.1
 _POSITIVE_CLASS = 1
-
-
-def latest_model_file(config: SiteConfig) -> Path:
-    """``state_dir/model/latest.pt``: the global model the site last evaluated."""
-    return Path(config.state_dir) / "model" / "latest.pt"
-
-
-def sanity_file(config: SiteConfig) -> Path:
-    """``state_dir/reports/sanity.json``: the latest suite's results (report section 9)."""
-    return Path(config.state_dir) / "reports" / "sanity.json"
 
 
 def _number(value: float) -> float | None:
@@ -309,19 +297,16 @@ def sanity(
 
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from client.config import load_site_config
+    from client.commands.common import load_config_or_exit
     from client.data import load_site_data
+    from client.round_report import latest_model_path, sanity_path
     from sic_core import load_checkpoint
     from sic_core.atomic import atomic_write
     from sic_core.errors import ConfigError, DataError
 
     console = Console()
-    try:
-        config = load_site_config(site)
-    except ConfigError as error:
-        console.print(f"[red]invalid config:[/red] {error}")
-        raise typer.Exit(2) from None
-    path = latest_model_file(config)
+    config = load_config_or_exit(site, console)
+    path = latest_model_path(config)
     if not path.is_file():
         console.print(
             f"[red]no evaluated model at {path}:[/red] the site must take part in at least one "
@@ -377,7 +362,7 @@ def sanity(
     results["seconds"] = round(time.perf_counter() - started, 3)
     results["computed_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     encoded = json.dumps(results, indent=2, sort_keys=True, allow_nan=False).encode()
-    out = sanity_file(config)
+    out = sanity_path(config)
     atomic_write(out, lambda stream: stream.write(encoded))
 
     console.print(_results_table(results))
