@@ -5,8 +5,9 @@ The ClientApp (:mod:`client.app`) turns messages into calls of these functions:
 - :func:`build_model` rebuilds the global model from the message's weights and support set;
 - :func:`train_locally` runs SIC training (:func:`sic_core.training.train_sic`) from the
   global weights, with FedProx's proximal term when the server asks for it;
-- :func:`train_privately` does the same with DP-SGD (Opacus) against the fixed global
-  support set, checking and recording the site's privacy ledger;
+- :func:`train_privately` does the same with DP-SGD (Opacus) against fixed supports (the
+  public anchors in anchor rounds, the global support set afterwards), with the noise
+  fixed or set from a per-round ε target, checking and recording the site's privacy ledger;
 - :func:`support_statistics` computes per-class cluster sums and counts of the site's
   training embeddings (:func:`private_support_statistics`: the DP release);
 - :func:`evaluate_locally` swaps each global support vector for the site's nearest real
@@ -16,6 +17,7 @@ The ClientApp (:mod:`client.app`) turns messages into calls of these functions:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,9 +29,9 @@ from torch import Tensor
 
 from client.config import PrivacyConfig
 from client.privacy.dp_sgd import plan_dp_sgd, train_dp_sgd, validate_for_dp
-from client.privacy.ledger import PrivacyLedger
+from client.privacy.ledger import Mechanism, PrivacyLedger, noise_for_epsilon
 from client.privacy.support_release import plan_support_release, private_cluster_statistics
-from sic_core import SICModel, create_model, unit_filter_state_dict
+from sic_core import SICModel, anchor_support, create_model, unit_filter_state_dict
 from sic_core.errors import ConfigError, SiteError
 from sic_core.head import sic_loss
 from sic_core.metrics import (
@@ -55,6 +57,7 @@ __all__ = [
     "build_model",
     "config_value",
     "evaluate_locally",
+    "plan_private_round",
     "private_support_statistics",
     "support_from_record",
     "support_statistics",
@@ -62,6 +65,8 @@ __all__ = [
     "train_privately",
     "weights_record",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def _invalid(message: str) -> SiteError:
@@ -294,6 +299,45 @@ def _dp_train_config(settings: RoundSettings) -> TrainConfig:
     )
 
 
+def plan_private_round(
+    num_images: int,
+    settings: RoundSettings,
+    *,
+    privacy: PrivacyConfig,
+    delta: float,
+    run_id: str,
+) -> tuple[Mechanism, Mechanism]:
+    """The round's DP-SGD and support-release mechanisms, as the ledger will record them.
+
+    The DP-SGD noise multiplier is ``privacy.noise_multiplier``, or, with
+    ``privacy.epsilon_per_round``, the one that makes the round (DP-SGD composed with the
+    support release, on their own) cost that ε at ``delta``
+    (:func:`client.privacy.ledger.noise_for_epsilon`).
+    """
+    config = _dp_train_config(settings)
+    support_plan = plan_support_release(
+        noise_multiplier=privacy.support_noise_multiplier,
+        run_id=run_id,
+        round_=settings.server_round,
+    )
+    sigma = privacy.noise_multiplier
+    if privacy.epsilon_per_round is not None:
+        shape = plan_dp_sgd(
+            num_images, config, noise_multiplier=1.0, run_id=run_id, round_=settings.server_round
+        )
+        sigma = noise_for_epsilon(
+            privacy.epsilon_per_round,
+            delta=delta,
+            sample_rate=shape.sample_rate,
+            steps=shape.steps,
+            alongside=[support_plan],
+        )
+    sgd_plan = plan_dp_sgd(
+        num_images, config, noise_multiplier=sigma, run_id=run_id, round_=settings.server_round
+    )
+    return sgd_plan, support_plan
+
+
 def train_privately(
     model: SICModel,
     images: Tensor,
@@ -306,32 +350,43 @@ def train_privately(
     run_id: str,
     augment: Augment | None = None,
 ) -> tuple[TrainHistory, float]:
-    """One round of DP-SGD against the fixed global support; return history and ε spent.
+    """One round of DP-SGD against fixed supports; return history and ε spent so far.
 
-    The round's mechanism is checked against the site's budget before training
-    (``PrivacyBudgetError``, code ``privacy_budget_exhausted``, if it would exceed
-    ``privacy.max_epsilon``) and recorded in the ledger after training, before anything
-    trained leaves the site.
+    The supports are the public class anchors in the first ``settings.anchor_rounds``
+    rounds (as in :func:`train_locally`; they cost no privacy) and the global support set
+    (itself a DP release) afterwards. Before training, the whole round (this DP-SGD and the
+    support release that follows it, :func:`plan_private_round`) is checked against the
+    site's budget (``PrivacyBudgetError``, code ``privacy_budget_exhausted``, if it would
+    exceed ``privacy.max_epsilon``); the DP-SGD mechanism is recorded in the ledger after
+    training, before anything trained leaves the site.
     """
     if images.shape[0] == 0:
         raise SiteError("the training split is empty", reason="no_training_data")
     config = _dp_train_config(settings)
-    plan = plan_dp_sgd(
-        int(images.shape[0]),
-        config,
-        noise_multiplier=privacy.noise_multiplier,
-        run_id=run_id,
-        round_=settings.server_round,
+    plan, support_plan = plan_private_round(
+        int(images.shape[0]), settings, privacy=privacy, delta=ledger.delta, run_id=run_id
     )
-    ledger.check_budget([plan])
-    validate_for_dp(model, global_support)
+    ledger.check_budget([plan, support_plan])
+    supports = global_support
+    if settings.server_round <= settings.anchor_rounds:
+        supports = anchor_support(
+            model.num_classes, model.n_shot, model.config.proj_dim, seed=config.seed
+        )
+    validate_for_dp(model, supports)
+    log.info(
+        "DP-SGD round %d: noise multiplier %.3f, sample rate %.4f, %d steps",
+        settings.server_round,
+        plan.noise_multiplier,
+        plan.sample_rate,
+        plan.steps,
+    )
     history = train_dp_sgd(
         model,
         images,
         labels,
-        global_support,
+        supports,
         config,
-        noise_multiplier=privacy.noise_multiplier,
+        noise_multiplier=plan.noise_multiplier,
         max_grad_norm=privacy.max_grad_norm,
         augment=augment,
     )

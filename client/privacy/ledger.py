@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from sic_core.atomic import atomic_write
 from sic_core.errors import ConfigError, PrivacyBudgetError
 
-__all__ = ["LEDGER_FILE", "Mechanism", "PrivacyLedger", "epsilon_of"]
+__all__ = ["LEDGER_FILE", "Mechanism", "PrivacyLedger", "epsilon_of", "noise_for_epsilon"]
 
 LEDGER_FILE = "privacy_ledger.json"
 LEDGER_FORMAT = "sicfed.privacy_ledger/1"
@@ -65,15 +67,89 @@ class Mechanism:
             raise ConfigError(f"steps: expected >= 0, got {self.steps}")
 
 
-def epsilon_of(mechanisms: list[Mechanism], delta: float) -> float:
-    """ε(δ) of the composition of ``mechanisms`` with Opacus' RDP accountant (0 if none)."""
+def _epsilon_of_history(history: list[tuple[float, float, int]], delta: float) -> float:
     accountant = RDPAccountant()
-    accountant.history = [
-        (m.noise_multiplier, m.sample_rate, m.steps) for m in mechanisms if m.steps > 0
-    ]
+    accountant.history = [entry for entry in history if entry[2] > 0]
     if not accountant.history:
         return 0.0
     return float(accountant.get_epsilon(delta=delta))
+
+
+def epsilon_of(mechanisms: Sequence[Mechanism], delta: float) -> float:
+    """ε(δ) of the composition of ``mechanisms`` with Opacus' RDP accountant (0 if none)."""
+    return _epsilon_of_history(
+        [(m.noise_multiplier, m.sample_rate, m.steps) for m in mechanisms], delta
+    )
+
+
+def noise_for_epsilon(
+    target_epsilon: float,
+    *,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    alongside: Sequence[Mechanism] = (),
+    tolerance: float = 0.01,
+) -> float:
+    """Noise multiplier of a subsampled Gaussian mechanism that costs ``target_epsilon``.
+
+    The mechanism (``sample_rate``, ``steps``) is composed with ``alongside`` (e.g. the same
+    round's support release) in a fresh RDP accountant, and the returned noise multiplier
+    makes that composition cost at most ``target_epsilon`` at ``delta``, and more than
+    ``target_epsilon - tolerance``. Without ``alongside`` this is Opacus'
+    ``get_noise_multiplier``; with it, the same doubling-then-bisection search.
+
+    Raises
+    ------
+    ConfigError
+        If ``alongside`` alone already costs ``target_epsilon`` or more, or if no noise
+        multiplier up to Opacus' bound (``MAX_SIGMA``) reaches the target.
+    """
+    if not target_epsilon > 0:
+        raise ConfigError(f"epsilon_per_round: expected a positive value, got {target_epsilon}")
+    fixed = [(m.noise_multiplier, m.sample_rate, m.steps) for m in alongside]
+    floor = _epsilon_of_history(fixed, delta)
+    if floor >= target_epsilon:
+        raise ConfigError(
+            f"epsilon_per_round {target_epsilon}: the round's other mechanisms alone cost "
+            f"epsilon {floor:.3f} at delta {delta}; raise epsilon_per_round or "
+            "support_noise_multiplier"
+        )
+    if not fixed:
+        try:
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant="rdp",
+                    epsilon_tolerance=tolerance,
+                )
+            )
+        except ValueError as error:
+            raise ConfigError(f"epsilon_per_round {target_epsilon}: {error}") from None
+
+    def cost(sigma: float) -> float:
+        return _epsilon_of_history([(sigma, sample_rate, steps), *fixed], delta)
+
+    low, high, high_cost = 0.0, 10.0, float("inf")
+    while high_cost > target_epsilon:
+        high *= 2
+        if high > MAX_SIGMA:
+            raise ConfigError(
+                f"epsilon_per_round {target_epsilon}: no noise multiplier up to "
+                f"{MAX_SIGMA:g} reaches it"
+            )
+        high_cost = cost(high)
+    while target_epsilon - high_cost > tolerance:
+        middle = (low + high) / 2
+        middle_cost = cost(middle)
+        if middle_cost < target_epsilon:
+            high, high_cost = middle, middle_cost
+        else:
+            low = middle
+    return high
 
 
 class PrivacyLedger:
@@ -117,6 +193,12 @@ class PrivacyLedger:
     def epsilon(self) -> float:
         """ε spent so far at :attr:`delta`."""
         return epsilon_of(self.mechanisms, self.delta)
+
+    def round_epsilon(self, run_id: str, round_: int) -> float:
+        """ε(δ) of the mechanisms recorded for one round of one run, on their own."""
+        return epsilon_of(
+            [m for m in self.mechanisms if m.run_id == run_id and m.round == round_], self.delta
+        )
 
     def epsilon_after(self, planned: list[Mechanism]) -> float:
         """ε the site would reach if ``planned`` were applied now."""

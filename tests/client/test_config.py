@@ -120,3 +120,27 @@ def test_configs_are_frozen(tmp_path: Path) -> None:
 )
 def test_example_site_configs_are_valid(path: Path) -> None:
     assert isinstance(load_site_config(path), SiteConfig)
+
+
+def _privacy(tmp_path: Path, **privacy: object) -> Path:
+    return _write(tmp_path, {**MINIMAL, "privacy": {"enabled": True, **privacy}})
+
+
+def test_epsilon_per_round_replaces_the_noise_multiplier(tmp_path: Path) -> None:
+    privacy = load_site_config(_privacy(tmp_path, epsilon_per_round=2.0)).privacy
+    assert privacy.epsilon_per_round == 2.0
+    assert load_site_config(_privacy(tmp_path)).privacy.epsilon_per_round is None
+
+
+def test_epsilon_per_round_and_noise_multiplier_are_mutually_exclusive(tmp_path: Path) -> None:
+    message = _error(_privacy(tmp_path, epsilon_per_round=2.0, noise_multiplier=1.0))
+    assert "privacy.noise_multiplier and privacy.epsilon_per_round are mutually exclusive" in (
+        message
+    )
+
+
+def test_epsilon_per_round_must_fit_the_budget(tmp_path: Path) -> None:
+    message = _error(_privacy(tmp_path, epsilon_per_round=9.0, max_epsilon=8.0))
+    assert "privacy.epsilon_per_round (9.0) exceeds privacy.max_epsilon (8.0)" in message
+    message = _error(_privacy(tmp_path, epsilon_per_round=0))
+    assert "privacy.epsilon_per_round" in message and "greater than 0" in message

@@ -6,10 +6,19 @@ import math
 
 import pytest
 import torch
+from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 
+from client.config import PrivacyConfig
 from client.privacy.dp_sgd import dp_model_issues, plan_dp_sgd, train_dp_sgd, validate_for_dp
+from client.privacy.ledger import PrivacyLedger, noise_for_epsilon
 from client.privacy.support_release import plan_support_release, private_cluster_statistics
+from client.training import (
+    RoundSettings,
+    plan_private_round,
+    private_support_statistics,
+    train_privately,
+)
 from sic_core import SupportSet, anchor_support, create_model, list_encoders
 from sic_core.errors import ConfigError
 from sic_core.training import TrainConfig
@@ -88,3 +97,54 @@ def test_support_release_has_bounded_sensitivity_and_one_cluster_per_image() -> 
     assert not torch.equal(noised.sums, full.sums)
     planned = plan_support_release(noise_multiplier=1.0, run_id="1", round_=1)
     assert planned.noise_multiplier == pytest.approx(1 / math.sqrt(2))
+
+
+def test_noise_for_epsilon_is_opacus_get_noise_multiplier_for_one_mechanism() -> None:
+    expected = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-5, sample_rate=0.1, steps=20, accountant="rdp"
+    )
+    assert noise_for_epsilon(3.0, delta=1e-5, sample_rate=0.1, steps=20) == expected
+
+
+def test_noise_for_epsilon_refuses_a_target_the_support_release_alone_exceeds() -> None:
+    costly = plan_support_release(noise_multiplier=1.0, run_id="1", round_=1)
+    with pytest.raises(ConfigError, match="alone cost epsilon"):
+        noise_for_epsilon(1.0, delta=1e-5, sample_rate=0.1, steps=20, alongside=[costly])
+
+
+def test_epsilon_per_round_makes_every_round_cost_the_target(tmp_path) -> None:
+    privacy = PrivacyConfig(enabled=True, epsilon_per_round=2.0)
+    ledger = PrivacyLedger.in_state_dir(
+        tmp_path, delta=privacy.target_delta, max_epsilon=privacy.max_epsilon
+    )
+    torch.manual_seed(0)
+    model = create_model("bcos_cnn_small", 1, 2, n_shot=1, proj_dim=8, width=4)
+    images, labels = torch.rand(24, 1, 16, 16), torch.arange(24) % 2
+    support = anchor_support(2, 1, 8)
+    for round_ in (1, 2):
+        settings = RoundSettings(
+            server_round=round_, local_epochs=1, lr=1e-3, batch_size=8, seed=0, dp=True
+        )
+        train_privately(
+            model, images, labels, settings, support, privacy=privacy, ledger=ledger, run_id="9"
+        )
+        private_support_statistics(
+            model,
+            images,
+            labels,
+            support,
+            privacy=privacy,
+            ledger=ledger,
+            run_id="9",
+            server_round=round_,
+            seed=0,
+        )
+        # The round's own ε (DP-SGD and support release, fresh accountant) is the target.
+        assert 2.0 - 0.01 <= ledger.round_epsilon("9", round_) <= 2.0
+    assert [m.kind for m in ledger.mechanisms] == ["dp-sgd", "support"] * 2
+    assert 2.0 < ledger.epsilon < 4.0  # rounds compose, sub-linearly
+    # A smaller site (larger sample rate) needs more noise for the same round ε.
+    settings = RoundSettings(server_round=3, local_epochs=1, lr=1e-3, batch_size=8, seed=0)
+    small, _ = plan_private_round(12, settings, privacy=privacy, delta=1e-5, run_id="9")
+    large, _ = plan_private_round(240, settings, privacy=privacy, delta=1e-5, run_id="9")
+    assert small.noise_multiplier > large.noise_multiplier
