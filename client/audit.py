@@ -182,7 +182,9 @@ def audit_metrics(
     explanation
         ``explain(model, audit.images)`` if the caller has it already (the report reuses it).
     """
-    result = explanation if explanation is not None else explain(model, audit.images)
+    result = (
+        explanation if explanation is not None else explain(model, audit.images, per_support=False)
+    )
     predicted = result.predicted
     maps = result.target_maps()
     metrics: dict[str, float] = {
@@ -225,7 +227,7 @@ def audit_metrics(
         clean_images = audit.images[~marked]
     else:
         marked_images, marker_masks, clean_images = _pasted_markers(audit, pasted_images)
-        marked_maps = explain(model, marked_images).class_maps[:, POSITIVE_CLASS]
+        marked_maps = explain(model, marked_images, per_support=False).class_maps[:, POSITIVE_CLASS]
     metrics[XaiMetric.ARTIFACT_MASS_LIFT] = _nanmedian(mass_lift(marked_maps, marker_masks))
     shift = marker_counterfactual_shift(
         model,
@@ -254,9 +256,10 @@ def audit_metrics(
     )
 
     if global_model is not None and probe is not None and probe.shape[0]:
-        local = explain(model, probe).class_maps[:, POSITIVE_CLASS].clamp_min(0)
-        shared = explain(global_model, probe).class_maps[:, POSITIVE_CLASS].clamp_min(0)
-        metrics[XaiMetric.DRIFT_TO_GLOBAL] = 1 - float(spearman(local, shared).median())
+        local = explain(model, probe, per_support=False).class_maps[:, POSITIVE_CLASS]
+        shared = explain(global_model, probe, per_support=False).class_maps[:, POSITIVE_CLASS]
+        drift = spearman(local.clamp_min(0), shared.clamp_min(0)).median()
+        metrics[XaiMetric.DRIFT_TO_GLOBAL] = 1 - float(drift)
     else:
         metrics[XaiMetric.DRIFT_TO_GLOBAL] = math.nan
     state = ExplanationState(support_ids=support_ids.tolist(), top_support_ids=top_ids)

@@ -246,7 +246,7 @@ def audit_and_report(
     global_model = copy.deepcopy(model)
     global_model.set_support(global_support.vectors, global_support.labels)
     state_path = reports / "explanation_state.json"
-    explanation = explain(model, audit.images)
+    explanation = explain(model, audit.images, per_support=False)
     metrics, state = audit_metrics(
         model,
         audit,

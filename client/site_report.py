@@ -233,7 +233,9 @@ def build_site_report(
     explanation
         ``explain(model, audit.images)`` if the caller has it already.
     """
-    result = explanation if explanation is not None else explain(model, audit.images)
+    result = (
+        explanation if explanation is not None else explain(model, audit.images, per_support=False)
+    )
     gallery, support_set = _gallery(result, model, audit, support_images, inputs.class_names)
     history = list(inputs.history)
     xai_rows = []

@@ -70,7 +70,8 @@ class Explanation:
     support_labels
         ``(K,)`` class of each support vector (class order).
     support_maps
-        ``(B, K, H, W)`` contribution map of each support; ``sum_p R^k_p = e_k``.
+        ``(B, K, H, W)`` contribution map of each support; ``sum_p R^k_p = e_k`` (``None``
+        when explained with ``per_support=False``).
     class_maps
         ``(B, C, H, W)`` class maps ``R^c = sum_{k in c} R^k``.
     predicted
@@ -87,7 +88,7 @@ class Explanation:
     evidence: Tensor
     bias: float
     support_labels: Tensor
-    support_maps: Tensor
+    support_maps: Tensor | None
     class_maps: Tensor
     predicted: Tensor
     target: Tensor
@@ -145,7 +146,9 @@ def _explaining(model: SICModel) -> Iterator[None]:
         model.train(was_training)
 
 
-def explain(model: SICModel, x: Tensor, target: Tensor | None = None) -> Explanation:
+def explain(
+    model: SICModel, x: Tensor, target: Tensor | None = None, *, per_support: bool = True
+) -> Explanation:
     """Explain the model's logits for a batch of images.
 
     Parameters
@@ -156,30 +159,42 @@ def explain(model: SICModel, x: Tensor, target: Tensor | None = None) -> Explana
         ``(B, C_in, H, W)`` float images in ``[0, 1]``.
     target
         ``(B,)`` class per image for ``input_gradient`` (default: the predicted class).
+    per_support
+        Also compute each support's own map (one backward pass per support vector). With
+        ``False`` only the class maps are computed, one backward pass per class (``K / C``
+        times cheaper), and ``support_maps`` is ``None``; class maps, evidence and logits are
+        the same.
 
     Returns
     -------
     Explanation
-        Logits, evidence, per-support and per-class contribution maps.
+        Logits, evidence, per-support (unless ``per_support=False``) and per-class maps.
     """
+    labels = model.support_labels
     with _explaining(model):
         encoded = model.encode(x).detach().requires_grad_(True)
         evidence = model.evidence(model.embedder(encoded))
-        support_maps, gradients = _contributions(encoded, evidence)
+        # Class scores are sums of evidence, so their maps are the sums of the support maps.
+        outputs = evidence if per_support else class_scores(evidence, labels, model.num_classes)
+        maps, gradients = _contributions(encoded, outputs)
     evidence = evidence.detach()
-    labels = model.support_labels
     logits = class_scores(evidence, labels, model.num_classes) + model.logit_bias
     predicted = logits.argmax(dim=1)
     chosen = predicted if target is None else target.to(predicted.device).long()
-    in_target = (labels.view(1, -1) == chosen.view(-1, 1)).to(gradients.dtype)
-    input_gradient = (gradients * in_target.view(*in_target.shape, 1, 1, 1)).sum(dim=1)
-    class_maps = torch.einsum("bkhw,kc->bchw", support_maps, _membership(labels, model))
+    if per_support:
+        in_target = (labels.view(1, -1) == chosen.view(-1, 1)).to(gradients.dtype)
+        input_gradient = (gradients * in_target.view(*in_target.shape, 1, 1, 1)).sum(dim=1)
+        class_maps = torch.einsum("bkhw,kc->bchw", maps, _membership(labels, model))
+        support_maps = maps.detach().cpu()
+    else:
+        input_gradient = gradients[torch.arange(chosen.numel(), device=chosen.device), chosen]
+        class_maps, support_maps = maps, None
     return Explanation(
         logits=logits.cpu(),
         evidence=evidence.cpu(),
         bias=model.logit_bias,
         support_labels=labels.cpu(),
-        support_maps=support_maps.detach().cpu(),
+        support_maps=support_maps,
         class_maps=class_maps.detach().cpu(),
         predicted=predicted.cpu(),
         target=chosen.cpu(),

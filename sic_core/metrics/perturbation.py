@@ -162,13 +162,15 @@ def max_sensitivity(
     ``delta`` is uniform in ``[-radius, radius]`` per pixel (result clipped to [0, 1]); only
     perturbations that keep the prediction count. ``R`` is the predicted class's map.
     """
-    reference = explain(model, x)
+    reference = explain(model, x, per_support=False)
     base_maps = reference.target_maps()
     generator = torch.Generator().manual_seed(seed)
     worst = torch.zeros(x.shape[0])
     for _ in range(samples):
         delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * radius
-        perturbed = explain(model, (x + delta.to(x.device)).clamp(0, 1), target=reference.target)
+        perturbed = explain(
+            model, (x + delta.to(x.device)).clamp(0, 1), target=reference.target, per_support=False
+        )
         change = (perturbed.target_maps() - base_maps).flatten(1).norm(dim=1)
         ratio = change / base_maps.flatten(1).norm(dim=1).clamp_min(1e-12)
         same = perturbed.predicted == reference.predicted
@@ -184,14 +186,14 @@ def parameter_noise_rank_correlation(
     Every trainable parameter gets i.i.d. Gaussian noise of standard deviation
     ``noise_std`` (e.g. the DP mechanism's per-step noise scale); support vectors are kept.
     """
-    reference = explain(model, x)
+    reference = explain(model, x, per_support=False)
     noisy = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in noisy.parameters():
             noise = torch.randn(parameter.shape, generator=generator) * noise_std
             parameter.add_(noise.to(parameter.device))
-    perturbed = explain(noisy, x, target=reference.target)
+    perturbed = explain(noisy, x, target=reference.target, per_support=False)
     return float(spearman(reference.target_maps(), perturbed.target_maps()).median())
 
 

@@ -57,7 +57,7 @@ def _class_maps(model: SICModel, x: Tensor, target: Tensor) -> tuple[Tensor, Ten
     maps, predicted = [], []
     device = _device(model)
     for images, classes in zip(x.split(_CHUNK), target.split(_CHUNK), strict=True):
-        result = explain(model, images.to(device), target=classes.to(device))
+        result = explain(model, images.to(device), target=classes.to(device), per_support=False)
         maps.append(result.target_maps())
         predicted.append(result.predicted)
     return torch.cat(maps), torch.cat(predicted)

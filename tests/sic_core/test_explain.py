@@ -48,6 +48,20 @@ def test_completeness_for_every_class(name: str) -> None:
     )
 
 
+@pytest.mark.parametrize("name", list_encoders())
+def test_class_maps_alone_equal_the_sums_of_the_support_maps(name: str) -> None:
+    model = _model(name)
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([0, 1, 2, 1])
+    full = explain(model, x, target=target)
+    cheap = explain(model, x, target=target, per_support=False)
+    assert cheap.support_maps is None
+    torch.testing.assert_close(cheap.class_maps, full.class_maps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cheap.input_gradient, full.input_gradient, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cheap.logits, full.logits)
+    torch.testing.assert_close(cheap.evidence, full.evidence)
+
+
 def test_support_image_against_its_own_vector_sums_to_its_norm() -> None:
     model = _model("bcos_cnn_small")
     images = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(2))
