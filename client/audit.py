@@ -145,9 +145,9 @@ def audit_metrics(
     global_model: SICModel | None = None,
     probe: Tensor | None = None,
     parameter_noise_std: float = 0.01,
-    steps: int = 10,
+    steps: int = 8,
     curve_images: int = 8,
-    pasted_images: int = 16,
+    pasted_images: int = 8,
     explanation: Explanation | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, float], ExplanationState]:
@@ -172,7 +172,7 @@ def audit_metrics(
     steps, curve_images
         Deletion/insertion steps, and how many audit cases (the first ones) get curves:
         ``4 * curve_images * (steps + 1)`` forwards, the largest cost of the audit. METRICS.md
-        asks for 20-32 steps; 10 keep the curves' shape at 64 px and the evaluation within
+        asks for 20-32 steps; 8 keep the curves' shape at 64 px and the evaluation within
         its share of the round (see BENCHMARKS.md).
     pasted_images
         At a site whose audit set has no marked image, shortcut mass and the counterfactual

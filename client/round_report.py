@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 #: Public probe set: this many SynthCXR images from this seed, identical at every site.
-PROBE_IMAGES = 16
+PROBE_IMAGES = 8
 PROBE_SEED = 20_261_201
 
 
