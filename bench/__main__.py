@@ -62,7 +62,12 @@ def _run_section(name: str, device: torch.device, workdir: Path) -> dict[str, fl
         from bench.explain_bench import explanations_per_s
 
         # The share of a round is a deployment figure (sites on CPUs); a GPU gives throughput.
-        return {"explanations_per_s": explanations_per_s(device, size=128, batch=256)}
+        return {
+            "explanations_per_s": explanations_per_s(device, size=128, batch=256),
+            "class_explanations_per_s": explanations_per_s(
+                device, size=128, batch=256, per_support=False
+            ),
+        }
     module = importlib.import_module(f"bench.{name}_bench")
     return module.run(workdir)
 
