@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from client.commands import check, join, privacy, sanity, synth
+from client.commands import check, join, pretrain, privacy, sanity, synth
 
 __all__ = ["app"]
 
@@ -45,4 +45,5 @@ app.command("synth")(synth.synth)
 app.command("check")(check.check)
 app.command("join")(join.join)
 app.command("privacy")(privacy.privacy)
+app.command("pretrain")(pretrain.pretrain)
 app.command("sanity")(sanity.sanity)

@@ -476,8 +476,10 @@ def evaluate_locally(
 ) -> EvalResult:
     """Score the global model on the validation split with site-local supports.
 
-    Each global support vector is replaced by the embedding of the site's nearest training
-    image of its class (classes absent here keep the global vector); loss, AUROC and
+    Each global support vector is replaced by the embedding of the site's training image of
+    its class that is nearest by angle (the model's similarity ignores a support's length,
+    and DP-released global vectors, centroids of clipped embeddings, are far shorter than
+    the embeddings; classes absent here keep the global vector); loss, AUROC and
     balanced accuracy use those supports. ``auroc_global_support`` scores the unmodified
     global vectors for comparison.
     """
@@ -485,7 +487,7 @@ def evaluate_locally(
         raise SiteError("the validation split is empty", reason="no_validation_data")
     embeddings = embed_all(model, train_images)
     local = nearest_local_support(
-        global_support.vectors, global_support.labels, embeddings, train_labels
+        global_support.vectors, global_support.labels, embeddings, train_labels, by="angle"
     )
     model.set_support(global_support.vectors, global_support.labels)
     global_logits = _logits(model, val_images)

@@ -20,6 +20,7 @@ from server.settings import RunSettings
 from server.sites import SiteDirectory
 from server.strategy import SicStrategy, make_aggregator
 from server.tracking import MlflowTracker
+from server.warm_start import load_initial_weights
 from sic_core import anchor_support, create_model, unit_filter_state_dict
 from sic_core.errors import SicfedError
 from sic_core.wire import SUPPORT_BUFFER_KEYS, ConfigKey
@@ -32,7 +33,11 @@ app = ServerApp()
 
 
 def initial_weights(settings: RunSettings) -> tuple[ArrayRecord, dict]:
-    """Seeded initial weights (B-cos filters at unit length) and the model config."""
+    """Seeded initial weights (B-cos filters at unit length) and the model config.
+
+    With ``initial-weights`` set, the weights come from that checkpoint (a public warm
+    start, :mod:`server.warm_start`).
+    """
     torch.manual_seed(settings.seed)
     model = create_model(
         settings.encoder,
@@ -41,6 +46,8 @@ def initial_weights(settings: RunSettings) -> tuple[ArrayRecord, dict]:
         n_shot=settings.n_shot,
         proj_dim=settings.proj_dim,
     )
+    if settings.initial_weights:
+        load_initial_weights(model, settings.initial_weights)
     state = unit_filter_state_dict(model)
     arrays = ArrayRecord(
         {

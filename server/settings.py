@@ -43,6 +43,10 @@ class RunSettings(BaseModel):
     anchor_rounds
         First rounds in which sites train against the public class anchors (spreads the
         embeddings of a randomly initialised encoder); later rounds train episodically.
+    initial_weights
+        A sicfed checkpoint to start from instead of a random initialisation (typically a
+        public warm start from ``python -m client pretrain``; empty: random). Relative: to
+        the SuperLink's folder.
     max_update_norm
         Reject train replies whose update norm exceeds this (0 disables).
     round_timeout, node_wait, poll_interval
@@ -75,6 +79,7 @@ class RunSettings(BaseModel):
     seed: int = Field(0, ge=0)
     dp: bool = False
     anchor_rounds: int = Field(1, ge=0, alias="anchor-rounds")
+    initial_weights: str = Field("", alias="initial-weights")
     max_update_norm: float = Field(0.0, ge=0, alias="max-update-norm")
     round_timeout: float = Field(900.0, gt=0, alias="round-timeout")
     node_wait: float = Field(120.0, gt=0, alias="node-wait")

@@ -110,6 +110,8 @@ def nearest_local_support(
     labels: Tensor,
     embeddings: Tensor,
     embedding_labels: Tensor,
+    *,
+    by: str = "distance",
 ) -> SupportSet:
     """Replace each centroid by the nearest same-class real embedding.
 
@@ -123,19 +125,31 @@ def nearest_local_support(
         ``(N, D)`` the site's training embeddings.
     embedding_labels
         ``(N,)`` their classes.
+    by
+        ``"distance"`` (Euclidean, the reference's rule for k-means centroids of the
+        embeddings themselves) or ``"angle"`` (smallest angle: the model's similarity
+        ignores a support vector's length, and a DP-released centroid of clipped
+        embeddings is much shorter than the embeddings, so by distance it would pick the
+        shortest embeddings of the class instead of the most similar ones).
 
     Returns
     -------
     SupportSet
         A class whose site has no image keeps its centroid, with index ``-1``.
     """
+    if by not in ("distance", "angle"):
+        raise ValueError(f"by: expected 'distance' or 'angle', got {by!r}")
     chosen_vectors = vectors.detach().clone().float()
     indices = torch.full((vectors.shape[0],), NO_INDEX, dtype=torch.long)
     for k in range(vectors.shape[0]):
         candidates = torch.nonzero(embedding_labels == labels[k]).flatten()
         if candidates.numel() == 0:
             continue
-        distances = torch.cdist(vectors[k : k + 1].float(), embeddings[candidates].float())
+        centroid, members = vectors[k : k + 1].float(), embeddings[candidates].float()
+        if by == "angle":
+            distances = -torch.nn.functional.cosine_similarity(members, centroid, dim=1)
+        else:
+            distances = torch.cdist(centroid, members)
         best = candidates[int(distances.argmin())]
         indices[k] = best
         chosen_vectors[k] = embeddings[best]

@@ -6,6 +6,8 @@ per-round table and where the reports and the MLflow store are, and stops every 
 started, also on Ctrl-C, SIGTERM and failure. Layout under ``--out``::
 
     DIR/sites/<site>/        SynthCXR site data, site.yaml, state/ (cache, reports, FLWR_HOME)
+    DIR/public/              public SynthCXR (another seed) and init.pt, the public warm
+                             start (with --dp or --public-init)
     DIR/mlflow/mlflow.db     MLflow store; artifacts in DIR/mlflow/artifacts
     DIR/checkpoints/<run>/   one atomic checkpoint per round
     DIR/runs/<run>/          rounds.jsonl and status.json
@@ -24,6 +26,7 @@ from types import FrameType
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 
 from server.coordinator import (
@@ -41,12 +44,26 @@ from server.processes import ProcessGroup, ProcessStartError, wait_http_ok
 from server.staging import project_root
 from sic_core.errors import SicfedError
 
-__all__ = ["SITE_NAMES", "demo", "ensure_synthcxr", "wait_for_sites"]
+__all__ = [
+    "PUBLIC_SEED_OFFSET",
+    "PUBLIC_SITES",
+    "SITE_NAMES",
+    "demo",
+    "ensure_public_warm_start",
+    "ensure_synthcxr",
+    "set_site_privacy",
+    "wait_for_sites",
+]
 
 console = Console()
 
 #: SynthCXR's training sites, in order (site_d is held out and never joins).
 SITE_NAMES = ("site_a", "site_b", "site_c")
+#: Public SynthCXR sites of the warm start: no shortcut marker (site_b has one) and not the
+#: held-out site_d's acquisition model.
+PUBLIC_SITES = ("site_a", "site_c")
+#: The public set's seed is the federation's plus this: other patients, other images.
+PUBLIC_SEED_OFFSET = 1000
 
 
 def ensure_synthcxr(
@@ -95,6 +112,65 @@ def ensure_synthcxr(
     return True
 
 
+def ensure_public_warm_start(
+    folder: Path,
+    *,
+    preset: str,
+    size: int,
+    scale: float,
+    seed: int,
+    epochs: int,
+    log_path: Path,
+) -> tuple[Path, bool]:
+    """Public SynthCXR (seed ``seed + PUBLIC_SEED_OFFSET``) and a checkpoint pretrained on it.
+
+    Generates ``folder/synth`` and runs ``python -m client pretrain`` on its
+    :data:`PUBLIC_SITES` into ``folder/init.pt``, unless a checkpoint made with the same
+    settings is there (``folder/init.json``). Returns the checkpoint and whether it was made
+    now. No private image is involved: the sites' data come from another seed.
+    """
+    checkpoint, stamp = folder / "init.pt", folder / "init.json"
+    settings = {
+        "preset": preset,
+        "size": size,
+        "scale": scale,
+        "seed": seed + PUBLIC_SEED_OFFSET,
+        "sites": list(PUBLIC_SITES),
+        "epochs": epochs,
+    }
+    if checkpoint.exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return checkpoint, False
+    ensure_synthcxr(
+        folder / "synth",
+        preset=preset,
+        size=size,
+        scale=scale,
+        seed=seed + PUBLIC_SEED_OFFSET,
+        log_path=log_path,
+    )
+    argv = [sys.executable, "-m", "client", "pretrain", "--out", str(checkpoint)]
+    for name in PUBLIC_SITES:
+        argv += ["--site", str(folder / "synth" / name / "site.yaml")]
+    argv += ["--epochs", str(epochs), "--seed", str(seed)]
+    with open(log_path, "ab") as stream:
+        completed = subprocess.run(
+            argv, stdout=stream, stderr=subprocess.STDOUT, cwd=project_root(), check=False
+        )
+    if completed.returncode != 0:
+        raise ProcessStartError(
+            f"public warm start failed (exit {completed.returncode}); see {log_path}"
+        )
+    stamp.write_text(json.dumps(settings))
+    return checkpoint, True
+
+
+def set_site_privacy(site_yaml: Path, privacy: dict[str, Any]) -> None:
+    """Write the demo's ``privacy`` section into a generated site config (YAML)."""
+    config = yaml.safe_load(site_yaml.read_text())
+    config["privacy"] = dict(privacy)
+    site_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 def wait_for_sites(
     coordinator: Coordinator, count: int, *, timeout: float, group: ProcessGroup
 ) -> float:
@@ -127,6 +203,19 @@ def demo(
     preset: Annotated[str, typer.Option(help="SynthCXR preset: easy, default or hard.")] = "easy",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-out"),
     dp: Annotated[bool, typer.Option("--dp", help="Train with DP-SGD at every site.")] = False,
+    epsilon_per_round: Annotated[
+        float,
+        typer.Option(min=0.01, help="Each site's privacy.epsilon_per_round (with --dp)."),
+    ] = 2.0,
+    public_init: Annotated[
+        bool | None,
+        typer.Option(
+            "--public-init/--no-public-init",
+            help="Start from a model pretrained on PUBLIC SynthCXR (another seed); "
+            "default: on with --dp, off without.",
+        ),
+    ] = None,
+    public_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the public warm start.")] = 6,
     local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
     seed: Annotated[int, typer.Option(min=0, help="Seed of data and federation.")] = 0,
     poll_interval: Annotated[
@@ -139,11 +228,14 @@ def demo(
     Examples
     --------
     python -m server demo
+    python -m server demo --dp            # DP-SGD, from a public warm start
+    python -m server demo --public-init   # no DP, the same warm start (to compare)
     python -m server demo --sites 2 --rounds 5 --size 128 --scale 1.0 --out /tmp/demo
     """
     if size not in (64, 128):
         raise typer.BadParameter("choose 64 or 128", param_hint="--size")
     out = out.resolve()
+    warm = dp if public_init is None else public_init
     coordinator = Coordinator(out)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     names = SITE_NAMES[:sites]
@@ -167,6 +259,10 @@ def demo(
                     log_path=coordinator.logs / "synth.log",
                 )
             console.print(f"SynthCXR in {out / 'sites'} ({'generated' if generated else 'reused'})")
+            for name in names:
+                set_site_privacy(
+                    out / "sites" / name / "site.yaml", {"epsilon_per_round": epsilon_per_round}
+                )
             address, _ = start_superlink(group, coordinator, port=free_port(8000))
             for index, name in enumerate(names):
                 start_site(
@@ -178,6 +274,22 @@ def demo(
                     log_path=coordinator.logs / f"{name}.log",
                     poll_interval=poll_interval,
                     threads=1,
+                )
+            init_weights = ""
+            if warm:
+                with console.status("Public warm start (public SynthCXR, another seed) ..."):
+                    checkpoint, made = ensure_public_warm_start(
+                        out / "public",
+                        preset=preset,
+                        size=size,
+                        scale=scale,
+                        seed=seed,
+                        epochs=public_epochs,
+                        log_path=coordinator.logs / "public.log",
+                    )
+                init_weights = str(checkpoint)
+                console.print(
+                    f"Public warm start: {checkpoint} ({'trained' if made else 'reused'})"
                 )
             with console.status(f"Waiting for {sites} sites (they load and cache their data) ..."):
                 waited = wait_for_sites(coordinator, sites, timeout=600, group=group)
@@ -195,6 +307,7 @@ def demo(
                 "min-sites": sites,
                 "seed": seed,
                 "dp": dp,
+                "initial-weights": init_weights,
                 "tracking-uri": tracking_uri,
                 "study": "demo",
                 "poll-interval": 0.1,

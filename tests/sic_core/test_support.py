@@ -78,6 +78,18 @@ def test_nearest_local_support_picks_the_closest_same_class_embedding() -> None:
     assert support.indices.tolist() == [5, 7]
 
 
+def test_nearest_local_support_by_angle_ignores_a_short_centroid() -> None:
+    # A DP centroid of clipped embeddings is short: by distance it would pick the shortest
+    # embedding of the class, by angle the one pointing its way.
+    embeddings = torch.tensor([[10.0, 1.0], [0.5, 0.5], [1.0, 10.0]])
+    labels = torch.zeros(3, dtype=torch.long)
+    centroid = torch.tensor([[0.9, 0.1]])
+    by_distance = nearest_local_support(centroid, torch.tensor([0]), embeddings, labels)
+    by_angle = nearest_local_support(centroid, torch.tensor([0]), embeddings, labels, by="angle")
+    assert by_distance.indices.tolist() == [1]
+    assert by_angle.indices.tolist() == [0]
+
+
 def test_cluster_statistics_are_aggregates_and_merge_is_order_free() -> None:
     embeddings, labels = _data(90)
     site_a = cluster_statistics(embeddings[:50], labels[:50], 3, 2)

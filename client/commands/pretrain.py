@@ -1,0 +1,73 @@
+"""``python -m client pretrain``: a public warm start for the federation's initial model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+__all__ = ["pretrain"]
+
+
+def pretrain(
+    site: Annotated[
+        list[Path],
+        typer.Option("--site", help="YAML config of a PUBLIC data set (repeat for several)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.pt).")],
+    epochs: Annotated[int, typer.Option(min=1, help="Central training epochs.")] = 6,
+    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 32,
+    encoder: Annotated[str, typer.Option(help="Encoder (as the run config's `encoder`).")] = (
+        "bcos_cnn_small"
+    ),
+    num_classes: Annotated[int, typer.Option(min=2, help="As the run config.")] = 2,
+    n_shot: Annotated[int, typer.Option(min=1, help="As the run config.")] = 3,
+    proj_dim: Annotated[int, typer.Option(min=1, help="As the run config.")] = 128,
+    seed: Annotated[int, typer.Option(min=0, help="Initialisation and training seed.")] = 0,
+) -> None:
+    """Train the initial global model on public images; the run config's `initial-weights`
+    then names the checkpoint.
+
+    Only public data may go in: nothing here is differentially private, and nothing is
+    recorded in a privacy ledger. SynthCXR generated with another seed than the
+    federation's is public (the generator is).
+
+    [bold]Examples[/bold]
+
+      python -m client synth --out public --size 64 --seed 1000
+
+      python -m client pretrain --site public/site_a/site.yaml --site public/site_c/site.yaml
+      --out public/init.pt
+    """
+    from client.config import load_site_config
+    from client.warm_start import public_warm_start
+    from sic_core.checkpoint import save_checkpoint
+    from sic_core.errors import ConfigError
+
+    console = Console()
+    try:
+        configs = [load_site_config(path) for path in site]
+        with console.status(f"Pretraining on {len(configs)} public site(s) ..."):
+            result = public_warm_start(
+                configs,
+                encoder=encoder,
+                num_classes=num_classes,
+                n_shot=n_shot,
+                proj_dim=proj_dim,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+            )
+    except ConfigError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    save_checkpoint(out, result.model, metadata=result.metadata())
+    console.print(
+        f"Pretrained on {result.images} public images ({', '.join(result.sites)}), "
+        f"{epochs} epochs, final loss {result.history.final_loss:.4f}, "
+        f"{result.seconds:.0f} s: {out}"
+    )
