@@ -45,6 +45,7 @@ from flwr.clientapp import ClientApp
 from client.config import SiteConfig, load_site_config
 from client.data import load_site_data, training_augmentation
 from client.mods import sanitise_errors
+from client.privacy.central import central_dp_clipping
 from client.privacy.ledger import PrivacyLedger
 from client.round_report import RoundFacts, audit_and_report, round_report_dir
 from client.training import (
@@ -173,7 +174,7 @@ def _spec(message: Message, config: SiteConfig, source: str) -> tuple[ConfigReco
     return round_config, spec
 
 
-@app.train()
+@app.train(mods=[central_dp_clipping])
 def train(message: Message, context: Context) -> Message:
     """Train the global model locally for the configured epochs."""
     startup = process_age()

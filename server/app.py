@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from server.checkpoint import RunFiles
 from server.federation import run_federation
 from server.settings import RunSettings
 from server.sites import SiteDirectory
-from server.strategy import SicStrategy, make_aggregator
+from server.strategy import SicStrategy, make_aggregator, with_central_dp
 from server.tracking import MlflowTracker
 from server.warm_start import load_initial_weights
 from sic_core import anchor_support, create_model, unit_filter_state_dict
@@ -80,8 +81,12 @@ def round_configs(settings: RunSettings) -> tuple[ConfigRecord, ConfigRecord]:
 
 
 def build_strategy(settings: RunSettings, sites: SiteDirectory | None = None) -> SicStrategy:
-    """The SIC strategy over the aggregator named in the run config."""
-    aggregator = make_aggregator(
+    """The SIC strategy over the aggregator named in the run config.
+
+    With ``central-dp`` the aggregator is wrapped in Flower's client-side fixed-clipping
+    central DP (:func:`server.strategy.with_central_dp`).
+    """
+    aggregator: Strategy = make_aggregator(
         settings.strategy,
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_evaluate,
@@ -90,6 +95,14 @@ def build_strategy(settings: RunSettings, sites: SiteDirectory | None = None) ->
         server_lr=settings.server_lr,
         trim_beta=settings.trim_beta,
     )
+    if settings.central_dp:
+        aggregator = with_central_dp(
+            aggregator,
+            settings.strategy,
+            noise_multiplier=settings.central_dp_noise,
+            clipping_norm=settings.central_dp_clip,
+            num_sampled_sites=settings.min_sites,
+        )
     return SicStrategy(
         aggregator,
         num_classes=settings.num_classes,

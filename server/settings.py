@@ -47,6 +47,12 @@ class RunSettings(BaseModel):
         A sicfed checkpoint to start from instead of a random initialisation (typically a
         public warm start from ``python -m client pretrain``; empty: random). Relative: to
         the SuperLink's folder.
+    central_dp, central_dp_noise, central_dp_clip
+        Client-level central DP (Flower's ``DifferentialPrivacyClientSideFixedClipping``
+        around the aggregator, ``fixedclipping_mod`` at the sites): every site's update is
+        clipped to ``central_dp_clip`` and the mean gets Gaussian noise of standard deviation
+        ``central_dp_noise * central_dp_clip / min_sites``. Off by default; fedavg/fedprox
+        only.
     max_update_norm
         Reject train replies whose update norm exceeds this (0 disables).
     round_timeout, node_wait, poll_interval
@@ -80,6 +86,9 @@ class RunSettings(BaseModel):
     dp: bool = False
     anchor_rounds: int = Field(1, ge=0, alias="anchor-rounds")
     initial_weights: str = Field("", alias="initial-weights")
+    central_dp: bool = Field(False, alias="central-dp")
+    central_dp_noise: float = Field(1.0, ge=0, alias="central-dp-noise")
+    central_dp_clip: float = Field(1.0, gt=0, alias="central-dp-clip")
     max_update_norm: float = Field(0.0, ge=0, alias="max-update-norm")
     round_timeout: float = Field(900.0, gt=0, alias="round-timeout")
     node_wait: float = Field(120.0, gt=0, alias="node-wait")

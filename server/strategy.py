@@ -37,6 +37,7 @@ from flwr.app import (
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
     FedAvg,
     FedMedian,
@@ -64,8 +65,10 @@ __all__ = [
     "PhaseReport",
     "SicStrategy",
     "SiteOutcome",
+    "base_aggregator",
     "make_aggregator",
     "support_record",
+    "with_central_dp",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,10 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
 }
+
+#: Aggregators whose result is a (weighted) mean of the updates: the only ones central DP's
+#: noise calibration (``sigma * clip / sites``) fits.
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 
 SUPPORT_MESSAGE_TYPE = f"{MessageType.QUERY}.{QueryName.SUPPORT}"
 
@@ -156,6 +163,61 @@ def make_aggregator(
     return STRATEGIES[key](**common)
 
 
+def with_central_dp(
+    aggregator: FedAvg,
+    strategy_name: str,
+    *,
+    noise_multiplier: float,
+    clipping_norm: float,
+    num_sampled_sites: int,
+) -> DifferentialPrivacyClientSideFixedClipping:
+    """Wrap ``aggregator`` in Flower's client-level central DP with client-side clipping.
+
+    Each site clips its model update to ``clipping_norm`` (Flower's ``fixedclipping_mod``,
+    applied by sicfed's ``central_dp_clipping`` mod at the site); the server adds Gaussian
+    noise of standard deviation ``noise_multiplier * clipping_norm / num_sampled_sites`` to
+    the aggregate (Flower's ``DifferentialPrivacyClientSideFixedClipping``). That is
+    client-level DP of the model updates (the unit is a whole site), on top of, not instead
+    of, the sites' own sample-level DP-SGD; it does not cover the support release or the
+    metrics. The noise is calibrated for a uniform mean over ``num_sampled_sites``: with
+    FedAvg's example weighting a large site weighs more than ``1 / num_sampled_sites``.
+
+    Raises
+    ------
+    ConfigError
+        If the aggregator is not a mean (``central-dp`` needs fedavg or fedprox) or a value
+        is out of range.
+    """
+    key = strategy_name.strip().lower()
+    if key not in CENTRAL_DP_STRATEGIES:
+        raise ConfigError(
+            f"central-dp: needs strategy {' or '.join(CENTRAL_DP_STRATEGIES)} (its noise is "
+            f"calibrated for a mean of the updates), got {strategy_name!r}"
+        )
+    if noise_multiplier < 0:
+        raise ConfigError(f"central-dp-noise: expected >= 0, got {noise_multiplier}")
+    if clipping_norm <= 0:
+        raise ConfigError(f"central-dp-clip: expected > 0, got {clipping_norm}")
+    if num_sampled_sites < 1:
+        raise ConfigError(f"min-sites: expected >= 1, got {num_sampled_sites}")
+    return DifferentialPrivacyClientSideFixedClipping(
+        aggregator,
+        noise_multiplier=noise_multiplier,
+        clipping_norm=clipping_norm,
+        num_sampled_clients=num_sampled_sites,
+    )
+
+
+def base_aggregator(strategy: Strategy) -> FedAvg:
+    """The innermost Flower strategy under wrappers such as the central-DP one."""
+    inner = strategy
+    while not isinstance(inner, FedAvg) and isinstance(getattr(inner, "strategy", None), Strategy):
+        inner = inner.strategy
+    if not isinstance(inner, FedAvg):
+        raise TypeError(f"{type(strategy).__name__} does not wrap a FedAvg-family strategy")
+    return inner
+
+
 def support_record(support: SupportSet) -> ArrayRecord:
     """The ``support`` record: global vectors ``(K, D)`` float32 and labels ``(K,)`` int64."""
     return ArrayRecord(
@@ -222,7 +284,7 @@ class SicStrategy(Strategy):
     ----------
     aggregator
         A Flower strategy (see :func:`make_aggregator`) that samples sites and aggregates the
-        accepted weights.
+        accepted weights, possibly wrapped (:func:`with_central_dp`).
     num_classes, n_shot, proj_dim
         Shape of the support set: ``K = num_classes * n_shot`` vectors of ``proj_dim``.
     node_wait
@@ -237,7 +299,7 @@ class SicStrategy(Strategy):
 
     def __init__(
         self,
-        aggregator: FedAvg,
+        aggregator: Strategy,
         *,
         num_classes: int,
         n_shot: int,
@@ -276,7 +338,9 @@ class SicStrategy(Strategy):
         self.aggregator.summary()
 
     def _wait(self, grid: Grid) -> None:
-        wait_for_nodes(grid, self.aggregator.min_available_nodes, timeout=self.node_wait)
+        wait_for_nodes(
+            grid, base_aggregator(self.aggregator).min_available_nodes, timeout=self.node_wait
+        )
 
     def _with_support(self, messages: Iterable[Message]) -> list[Message]:
         if self.support is None:
@@ -494,7 +558,7 @@ class SicStrategy(Strategy):
         """Server-optimiser moments of adaptive aggregators (FedAdam), for checkpoints."""
         state: dict[str, dict[str, np.ndarray]] = {}
         for name in ("m_t", "v_t"):
-            value = getattr(self.aggregator, name, None)
+            value = getattr(base_aggregator(self.aggregator), name, None)
             if value:
                 state[name] = {key: np.asarray(array) for key, array in value.items()}
         return state
