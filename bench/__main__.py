@@ -92,10 +92,16 @@ def main(
             f"unknown section(s) {unknown}; expected some of {SECTIONS + OPTIONAL_SECTIONS}"
         )
     figures: dict[str, float] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="sicfed-bench-") as workdir:
         for section in sections:
-            with console.status(f"benchmark: {section}"):
-                figures.update(_run_section(section, chosen, Path(workdir) / section))
+            # One failing section (a federation that dies, say) keeps the others' figures.
+            try:
+                with console.status(f"benchmark: {section}"):
+                    figures.update(_run_section(section, chosen, Path(workdir) / section))
+            except Exception as error:  # reported below, and the exit code says so
+                console.print(f"[red]section {section} failed:[/] {error}")
+                failed[section] = f"{type(error).__name__}: {error}"
     table = Table(title=f"sicfed benchmarks on {chosen}")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -107,6 +113,7 @@ def main(
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": _machine(chosen),
         **figures,
+        **({"failed_sections": failed} if failed else {}),
     }
     payload: dict | list = record
     if out is None and len(sections) == 1 and sections[0] in OPTIONAL_SECTIONS:
@@ -120,6 +127,8 @@ def main(
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(payload, indent=2) + "\n")
     console.print(f"written {target}")
+    if failed:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":
