@@ -299,7 +299,9 @@ def follow_run(
             for entry in final[seen:]:
                 on_round(entry)
             outcome = status.get("status", "failed")
-            if not flower_status.endswith("completed"):
+            # A ServerApp killed from outside ends "completed" in Flower's eyes but never
+            # records its own outcome (status.json still says "running").
+            if not flower_status.endswith("completed") or outcome != "completed":
                 outcome = "failed"
             return RunOutcome(run_id, outcome, final, now - started)
         if check is not None:
