@@ -306,20 +306,25 @@ def plan_private_round(
     privacy: PrivacyConfig,
     delta: float,
     run_id: str,
-) -> tuple[Mechanism, Mechanism]:
-    """The round's DP-SGD and support-release mechanisms, as the ledger will record them.
+) -> tuple[Mechanism, Mechanism | None]:
+    """The round's DP-SGD mechanism and its support release (``None`` in anchor rounds).
 
-    The DP-SGD noise multiplier is ``privacy.noise_multiplier``, or, with
+    In the first ``settings.anchor_rounds`` rounds of a DP run the server keeps the public
+    anchors as the global support set and asks for no support release, so the round is
+    DP-SGD alone. The DP-SGD noise multiplier is ``privacy.noise_multiplier``, or, with
     ``privacy.epsilon_per_round``, the one that makes the round (DP-SGD composed with the
-    support release, on their own) cost that ε at ``delta``
-    (:func:`client.privacy.ledger.noise_for_epsilon`).
+    support release, if any, on their own) cost that ε at ``delta``
+    (:func:`client.privacy.ledger.noise_for_epsilon`). Should a server ask for a release
+    anyway, it is checked against the budget and recorded like any other.
     """
     config = _dp_train_config(settings)
-    support_plan = plan_support_release(
-        noise_multiplier=privacy.support_noise_multiplier,
-        run_id=run_id,
-        round_=settings.server_round,
-    )
+    support_plan = None
+    if settings.server_round > settings.anchor_rounds:
+        support_plan = plan_support_release(
+            noise_multiplier=privacy.support_noise_multiplier,
+            run_id=run_id,
+            round_=settings.server_round,
+        )
     sigma = privacy.noise_multiplier
     if privacy.epsilon_per_round is not None:
         shape = plan_dp_sgd(
@@ -330,7 +335,7 @@ def plan_private_round(
             delta=delta,
             sample_rate=shape.sample_rate,
             steps=shape.steps,
-            alongside=[support_plan],
+            alongside=[support_plan] if support_plan is not None else [],
         )
     sgd_plan = plan_dp_sgd(
         num_images, config, noise_multiplier=sigma, run_id=run_id, round_=settings.server_round
@@ -355,10 +360,11 @@ def train_privately(
     The supports are the public class anchors in the first ``settings.anchor_rounds``
     rounds (as in :func:`train_locally`; they cost no privacy) and the global support set
     (itself a DP release) afterwards. Before training, the whole round (this DP-SGD and the
-    support release that follows it, :func:`plan_private_round`) is checked against the
-    site's budget (``PrivacyBudgetError``, code ``privacy_budget_exhausted``, if it would
-    exceed ``privacy.max_epsilon``); the DP-SGD mechanism is recorded in the ledger after
-    training, before anything trained leaves the site.
+    support release that follows it after the anchor rounds, :func:`plan_private_round`) is
+    checked against the site's budget (``PrivacyBudgetError``, code
+    ``privacy_budget_exhausted``, if it would exceed ``privacy.max_epsilon``); the DP-SGD
+    mechanism is recorded in the ledger after training, before anything trained leaves the
+    site.
     """
     if images.shape[0] == 0:
         raise SiteError("the training split is empty", reason="no_training_data")
@@ -366,7 +372,7 @@ def train_privately(
     plan, support_plan = plan_private_round(
         int(images.shape[0]), settings, privacy=privacy, delta=ledger.delta, run_id=run_id
     )
-    ledger.check_budget([plan, support_plan])
+    ledger.check_budget([plan] if support_plan is None else [plan, support_plan])
     supports = global_support
     if settings.server_round <= settings.anchor_rounds:
         supports = anchor_support(

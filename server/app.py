@@ -112,6 +112,9 @@ def build_strategy(settings: RunSettings, sites: SiteDirectory | None = None) ->
         max_update_norm=settings.max_update_norm,
         merge_seed=settings.seed,
         sites=sites,
+        # Under DP the anchor rounds keep the public anchors as the global support set (sites
+        # train against them) instead of spending privacy on a support release.
+        public_support_rounds=settings.anchor_rounds if settings.dp else 0,
     )
 
 

@@ -295,6 +295,11 @@ class SicStrategy(Strategy):
         Seed of the weighted k-means that merges site centroids.
     sites
         Directory of node ids, site names and sent messages (shared with the exchange).
+    public_support_rounds
+        First rounds in which the global support set stays the public one it starts with
+        (the class anchors) and no support query is sent. DP runs use it for their anchor
+        rounds: sites train against the public anchors then, and a DP support release would
+        spend privacy on vectors that noise swamps at a few hundred images per site.
     """
 
     def __init__(
@@ -308,8 +313,10 @@ class SicStrategy(Strategy):
         max_update_norm: float = 0.0,
         merge_seed: int = 0,
         sites: SiteDirectory | None = None,
+        public_support_rounds: int = 0,
     ) -> None:
         self.aggregator = aggregator
+        self.public_support_rounds = public_support_rounds
         self.num_classes = num_classes
         self.n_shot = n_shot
         self.proj_dim = proj_dim
@@ -369,8 +376,13 @@ class SicStrategy(Strategy):
         """Ask every connected site for cluster statistics under the weights ``arrays``.
 
         The current global support set travels along: under DP the sites assign their
-        embeddings to it instead of clustering locally.
+        embeddings to it instead of clustering locally. In the first
+        ``public_support_rounds`` rounds nothing is sent (the support set stays public).
         """
+        if server_round <= self.public_support_rounds:
+            log.info("support round %d: the global support set stays public", server_round)
+            self._expected[Phase.SUPPORT] = []
+            return []
         self._wait(grid)
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
@@ -490,8 +502,12 @@ class SicStrategy(Strategy):
     def aggregate_support(self, server_round: int, replies: Iterable[Message]) -> SupportSet | None:
         """Merge the sites' cluster statistics into the new global support set.
 
-        Returns ``None`` (and keeps the previous support set) when no site replied validly.
+        Returns ``None`` (and keeps the previous support set) when no site replied validly
+        or the round is one of the first ``public_support_rounds``.
         """
+        if server_round <= self.public_support_rounds:
+            self.reports[Phase.SUPPORT] = PhaseReport(Phase.SUPPORT, server_round)
+            return None
         accepted, _ = self.review(
             Phase.SUPPORT,
             server_round,

@@ -11,7 +11,7 @@ from torch import nn
 
 from client.config import PrivacyConfig
 from client.privacy.dp_sgd import dp_model_issues, plan_dp_sgd, train_dp_sgd, validate_for_dp
-from client.privacy.ledger import PrivacyLedger, noise_for_epsilon
+from client.privacy.ledger import PrivacyLedger, epsilon_of, noise_for_epsilon
 from client.privacy.support_release import plan_support_release, private_cluster_statistics
 from client.training import (
     RoundSettings,
@@ -123,7 +123,13 @@ def test_epsilon_per_round_makes_every_round_cost_the_target(tmp_path) -> None:
     support = anchor_support(2, 1, 8)
     for round_ in (1, 2):
         settings = RoundSettings(
-            server_round=round_, local_epochs=1, lr=1e-3, batch_size=8, seed=0, dp=True
+            server_round=round_,
+            local_epochs=1,
+            lr=1e-3,
+            batch_size=8,
+            seed=0,
+            anchor_rounds=0,
+            dp=True,
         )
         train_privately(
             model, images, labels, settings, support, privacy=privacy, ledger=ledger, run_id="9"
@@ -144,7 +150,17 @@ def test_epsilon_per_round_makes_every_round_cost_the_target(tmp_path) -> None:
     assert [m.kind for m in ledger.mechanisms] == ["dp-sgd", "support"] * 2
     assert 2.0 < ledger.epsilon < 4.0  # rounds compose, sub-linearly
     # A smaller site (larger sample rate) needs more noise for the same round ε.
-    settings = RoundSettings(server_round=3, local_epochs=1, lr=1e-3, batch_size=8, seed=0)
+    settings = RoundSettings(
+        server_round=3, local_epochs=1, lr=1e-3, batch_size=8, seed=0, anchor_rounds=0
+    )
     small, _ = plan_private_round(12, settings, privacy=privacy, delta=1e-5, run_id="9")
     large, _ = plan_private_round(240, settings, privacy=privacy, delta=1e-5, run_id="9")
     assert small.noise_multiplier > large.noise_multiplier
+    # An anchor round has no support release: DP-SGD alone costs the target.
+    anchored = RoundSettings(
+        server_round=3, local_epochs=1, lr=1e-3, batch_size=8, seed=0, anchor_rounds=3
+    )
+    sgd, support = plan_private_round(240, anchored, privacy=privacy, delta=1e-5, run_id="9")
+    assert support is None
+    assert 2.0 - 0.01 <= epsilon_of([sgd], 1e-5) <= 2.0
+    assert sgd.noise_multiplier < large.noise_multiplier
