@@ -379,7 +379,7 @@ class SicStrategy(Strategy):
         embeddings to it instead of clustering locally. In the first
         ``public_support_rounds`` rounds nothing is sent (the support set stays public).
         """
-        if server_round <= self.public_support_rounds:
+        if 0 < server_round <= self.public_support_rounds:
             log.info("support round %d: the global support set stays public", server_round)
             self._expected[Phase.SUPPORT] = []
             return []
@@ -505,7 +505,7 @@ class SicStrategy(Strategy):
         Returns ``None`` (and keeps the previous support set) when no site replied validly
         or the round is one of the first ``public_support_rounds``.
         """
-        if server_round <= self.public_support_rounds:
+        if 0 < server_round <= self.public_support_rounds:
             self.reports[Phase.SUPPORT] = PhaseReport(Phase.SUPPORT, server_round)
             return None
         accepted, _ = self.review(
