@@ -265,27 +265,44 @@ def train_locally(
     Notes
     -----
     In the first ``settings.anchor_rounds`` rounds every local epoch trains against the
-    public, seeded class anchors (:func:`sic_core.support.anchor_support`), identical at
-    every site, which spreads the embeddings of a randomly initialised encoder; later rounds
+    public class anchors (:func:`run_anchors`), identical at every site and in every round
+    and the ones the server evaluates with, which spreads the embeddings of a randomly initialised encoder; later rounds
     train episodically, as the reference SIC does. Each round's schedule has no warm-up
     (the global model is already warm after round 1).
     """
     if images.shape[0] == 0:
         raise SiteError("the training split is empty", reason="no_training_data")
-    anchored = settings.server_round <= settings.anchor_rounds
     config = TrainConfig(
         epochs=settings.local_epochs,
         lr=settings.lr,
         warmup_epochs=0.0,
-        anchor_epochs=settings.local_epochs if anchored else 0,
+        anchor_epochs=0,
         batch_size=settings.batch_size,
         seed=settings.seed + settings.server_round,
     )
+    anchors = run_anchors(model, settings) if settings.server_round <= settings.anchor_rounds else None
     with proximal_term(model, settings.proximal_mu):
-        history = train_sic(model, images, labels, config, augment=augment, finalize_support=False)
+        history = train_sic(
+            model,
+            images,
+            labels,
+            config,
+            augment=augment,
+            fixed_support=anchors,
+            finalize_support=False,
+        )
     if not math.isfinite(history.final_loss):
         raise SiteError("local training diverged (non-finite loss)", reason="training_diverged")
     return history
+
+
+def run_anchors(model: SICModel, settings: RoundSettings) -> SupportSet:
+    """The run's public class anchors: seeded by the run seed, so every site trains against
+    the anchors the server evaluates with and the public warm start was trained on (a
+    per-round seed would move the target every round)."""
+    return anchor_support(
+        model.num_classes, model.n_shot, model.config.proj_dim, seed=settings.seed
+    )
 
 
 def _dp_train_config(settings: RoundSettings) -> TrainConfig:
@@ -375,9 +392,7 @@ def train_privately(
     ledger.check_budget([plan] if support_plan is None else [plan, support_plan])
     supports = global_support
     if settings.server_round <= settings.anchor_rounds:
-        supports = anchor_support(
-            model.num_classes, model.n_shot, model.config.proj_dim, seed=config.seed
-        )
+        supports = run_anchors(model, settings)
     validate_for_dp(model, supports)
     log.info(
         "DP-SGD round %d: noise multiplier %.3f, sample rate %.4f, %d steps",

@@ -17,7 +17,13 @@ def pretrain(
         typer.Option("--site", help="YAML config of a PUBLIC data set (repeat for several)."),
     ],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.pt).")],
-    epochs: Annotated[int, typer.Option(min=1, help="Central training epochs.")] = 6,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Central training epochs [default: client.warm_start.PUBLIC_WARM_START_EPOCHS].",
+        ),
+    ] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 32,
     encoder: Annotated[str, typer.Option(help="Encoder (as the run config's `encoder`).")] = (
@@ -43,7 +49,7 @@ def pretrain(
       --out public/init.pt
     """
     from client.config import load_site_config
-    from client.warm_start import public_warm_start
+    from client.warm_start import PUBLIC_WARM_START_EPOCHS, public_warm_start
     from sic_core.checkpoint import save_checkpoint
     from sic_core.errors import ConfigError
 
@@ -57,7 +63,7 @@ def pretrain(
                 num_classes=num_classes,
                 n_shot=n_shot,
                 proj_dim=proj_dim,
-                epochs=epochs,
+                epochs=PUBLIC_WARM_START_EPOCHS if epochs is None else epochs,
                 lr=lr,
                 batch_size=batch_size,
                 seed=seed,
@@ -68,6 +74,11 @@ def pretrain(
     save_checkpoint(out, result.model, metadata=result.metadata())
     console.print(
         f"Pretrained on {result.images} public images ({', '.join(result.sites)}), "
-        f"{epochs} epochs, final loss {result.history.final_loss:.4f}, "
+        f"{len(result.history.epochs)} epochs, final loss {result.history.final_loss:.4f}, "
         f"{result.seconds:.0f} s: {out}"
     )
+    if result.stalled:
+        console.print(
+            "[yellow]warning:[/yellow] the loss never left its initial plateau: the model "
+            "separates nothing yet; train more --epochs"
+        )

@@ -119,7 +119,7 @@ def ensure_public_warm_start(
     size: int,
     scale: float,
     seed: int,
-    epochs: int,
+    epochs: int | None,
     log_path: Path,
 ) -> tuple[Path, bool]:
     """Public SynthCXR (seed ``seed + PUBLIC_SEED_OFFSET``) and a checkpoint pretrained on it.
@@ -127,7 +127,9 @@ def ensure_public_warm_start(
     Generates ``folder/synth`` and runs ``python -m client pretrain`` on its
     :data:`PUBLIC_SITES` into ``folder/init.pt``, unless a checkpoint made with the same
     settings is there (``folder/init.json``). Returns the checkpoint and whether it was made
-    now. No private image is involved: the sites' data come from another seed.
+    now. No private image is involved: the sites' data come from another seed. ``epochs``
+    ``None`` leaves the number to ``pretrain``'s default (the stamp then records ``None``:
+    delete ``folder`` after changing that default).
     """
     checkpoint, stamp = folder / "init.pt", folder / "init.json"
     settings = {
@@ -151,7 +153,9 @@ def ensure_public_warm_start(
     argv = [sys.executable, "-m", "client", "pretrain", "--out", str(checkpoint)]
     for name in PUBLIC_SITES:
         argv += ["--site", str(folder / "synth" / name / "site.yaml")]
-    argv += ["--epochs", str(epochs), "--seed", str(seed)]
+    argv += ["--seed", str(seed)]
+    if epochs is not None:
+        argv += ["--epochs", str(epochs)]
     with open(log_path, "ab") as stream:
         completed = subprocess.run(
             argv, stdout=stream, stderr=subprocess.STDOUT, cwd=project_root(), check=False
@@ -215,7 +219,12 @@ def demo(
             "default: on with --dp, off without.",
         ),
     ] = None,
-    public_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the public warm start.")] = 6,
+    public_epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Epochs of the public warm start [default: `python -m client pretrain`'s]."
+        ),
+    ] = None,
     local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
     seed: Annotated[int, typer.Option(min=0, help="Seed of data and federation.")] = 0,
     poll_interval: Annotated[
