@@ -266,9 +266,9 @@ def train_locally(
     -----
     In the first ``settings.anchor_rounds`` rounds every local epoch trains against the
     public class anchors (:func:`run_anchors`), identical at every site and in every round
-    and the ones the server evaluates with, which spreads the embeddings of a randomly initialised encoder; later rounds
-    train episodically, as the reference SIC does. Each round's schedule has no warm-up
-    (the global model is already warm after round 1).
+    and the ones the server evaluates with, which spreads the embeddings of a randomly
+    initialised encoder; later rounds train episodically, as the reference SIC does. Each
+    round's schedule has no warm-up (the global model is already warm after round 1).
     """
     if images.shape[0] == 0:
         raise SiteError("the training split is empty", reason="no_training_data")
@@ -280,7 +280,8 @@ def train_locally(
         batch_size=settings.batch_size,
         seed=settings.seed + settings.server_round,
     )
-    anchors = run_anchors(model, settings) if settings.server_round <= settings.anchor_rounds else None
+    anchored = settings.server_round <= settings.anchor_rounds
+    anchors = run_anchors(model, settings) if anchored else None
     with proximal_term(model, settings.proximal_mu):
         history = train_sic(
             model,

@@ -83,4 +83,3 @@ def test_private_anchor_rounds_train_against_the_servers_anchors(monkeypatch, tm
             run_id="1",
         )
     _assert_server_anchors(seen)
-
