@@ -56,9 +56,13 @@ def privacy(
     console.print(table)
     spent = ledger.epsilon
     left = config.privacy.max_epsilon - spent
-    state = "enabled" if config.privacy.enabled else "disabled"
+    state = (
+        "privacy.enabled: true (DP-SGD in every run)"
+        if config.privacy.enabled
+        else "privacy.enabled: false (DP-SGD only in runs whose run config sets dp = true)"
+    )
     console.print(
-        f"DP {state}; epsilon spent {spent:.3f} of {config.privacy.max_epsilon} at delta "
+        f"{state}; epsilon spent {spent:.3f} of {config.privacy.max_epsilon} at delta "
         f"{config.privacy.target_delta:g}; left {max(left, 0):.3f}"
     )
     if left <= 0:

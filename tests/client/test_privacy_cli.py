@@ -36,6 +36,7 @@ def test_privacy_lists_the_ledger_and_the_budget_left(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["privacy", "--site", str(_site(tmp_path, 50.0))])
     assert result.exit_code == 0, result.output
     assert "dp-sgd" in result.output and "epsilon spent" in result.output
+    assert "privacy.enabled: true" in result.output
 
 
 def test_privacy_exits_1_when_the_budget_is_spent(tmp_path: Path) -> None:
