@@ -53,6 +53,7 @@ __all__ = [
     "ensure_synthcxr",
     "set_site_privacy",
     "wait_for_sites",
+    "warm_start_stalled",
 ]
 
 console = Console()
@@ -166,6 +167,13 @@ def ensure_public_warm_start(
         )
     stamp.write_text(json.dumps(settings))
     return checkpoint, True
+
+
+def warm_start_stalled(checkpoint: Path) -> bool:
+    """Whether ``python -m client pretrain`` flagged the checkpoint as stalled."""
+    from sic_core.checkpoint import load_checkpoint  # torch: only when there is a warm start
+
+    return bool(load_checkpoint(checkpoint).metadata.get("stalled", False))
 
 
 def set_site_privacy(site_yaml: Path, privacy: dict[str, Any]) -> None:
@@ -300,6 +308,11 @@ def demo(
                 console.print(
                     f"Public warm start: {checkpoint} ({'trained' if made else 'reused'})"
                 )
+                if warm_start_stalled(checkpoint):
+                    console.print(
+                        "[yellow]warning:[/yellow] the public warm start never left its initial "
+                        "plateau (it separates nothing); raise --public-epochs"
+                    )
             with console.status(f"Waiting for {sites} sites (they load and cache their data) ..."):
                 waited = wait_for_sites(coordinator, sites, timeout=600, group=group)
             console.print(f"{sites} sites connected after {waited:.0f} s")

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from client.cli import app as client_cli
 from client.warm_start import WarmStart
 from server.app import initial_weights
+from server.commands.demo import warm_start_stalled
 from server.settings import RunSettings
 from sic_core import create_model, unit_filter_state_dict
 from sic_core.checkpoint import load_checkpoint, save_checkpoint
@@ -37,6 +38,7 @@ def test_pretrain_writes_a_checkpoint_the_server_starts_from(tmp_path: Path) -> 
     # One epoch cannot leave the initial plateau: the coordinator is told to train longer.
     assert checkpoint.metadata["stalled"] is True
     assert "never left its initial plateau" in result.output
+    assert warm_start_stalled(out)
     settings = RunSettings.from_run_config({"image-size": SIZE, "initial-weights": str(out)})
     arrays, _ = initial_weights(settings)
     expected = unit_filter_state_dict(checkpoint.model)
@@ -50,6 +52,7 @@ def test_pretrain_writes_a_checkpoint_the_server_starts_from(tmp_path: Path) -> 
 def test_initial_weights_of_another_model_are_refused(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = save_checkpoint(tmp_path / "other.pt", create_model("bcos_cnn_small", 1, 2, n_shot=2))
+    assert not warm_start_stalled(path)  # no pretrain metadata: nothing to warn about
     settings = RunSettings.from_run_config({"initial-weights": str(path)})
     with pytest.raises(ConfigError, match=r"initial-weights: .* n_shot 2 \(run: 3\)"):
         initial_weights(settings)
