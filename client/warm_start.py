@@ -55,6 +55,8 @@ class WarmStart:
     def stalled(self) -> bool:
         """Whether training never left the initial plateau: the last epoch's loss is within
         5 % of the first's (the model then separates nothing; train more epochs)."""
+        if not self.history.epochs:
+            return True
         first, last = self.history.epochs[0].loss, self.history.final_loss
         return last >= STALL_LOSS_FRACTION * first
 

@@ -61,7 +61,9 @@ def test_initial_weights_of_another_model_are_refused(tmp_path: Path) -> None:
         initial_weights(missing)
 
 
-@pytest.mark.parametrize(("losses", "stalled"), [([0.71, 0.69, 0.69], True), ([0.71, 0.6], False)])
+@pytest.mark.parametrize(
+    ("losses", "stalled"), [([0.71, 0.69, 0.69], True), ([0.71, 0.6], False), ([], True)]
+)
 def test_a_warm_start_that_never_left_its_plateau_is_flagged(
     losses: list[float], stalled: bool
 ) -> None:
