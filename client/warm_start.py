@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #: encoder first sits on a plateau (loss ~ ln 2: an input-independent embedding equally
 #: similar to every class's anchors) and leaves it after a number of epochs that depends on
 #: the seed (epoch 5 to 21 on easy SynthCXR, seeds 0-4); 6 epochs never left it. README,
-#: "Differential privacy".
+#: "Differential privacy". `python -m client pretrain --help` spells the number out (tested).
 PUBLIC_WARM_START_EPOCHS = 30
 #: A warm start whose final loss is above this fraction of its first epoch's has stalled.
 STALL_LOSS_FRACTION = 0.95

@@ -21,7 +21,7 @@ def pretrain(
         int | None,
         typer.Option(
             min=1,
-            help="Central training epochs [default: client.warm_start.PUBLIC_WARM_START_EPOCHS].",
+            help="Central training epochs (default: 30).",
         ),
     ] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-3,

@@ -230,7 +230,7 @@ def demo(
     public_epochs: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Epochs of the public warm start [default: `python -m client pretrain`'s]."
+            min=1, help="Epochs of the public warm start (default: `python -m client pretrain`'s)."
         ),
     ] = None,
     local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,

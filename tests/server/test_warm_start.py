@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from client.cli import app as client_cli
-from client.warm_start import WarmStart
+from client.warm_start import PUBLIC_WARM_START_EPOCHS, WarmStart
 from server.app import initial_weights
 from server.commands.demo import warm_start_stalled
 from server.settings import RunSettings
@@ -75,3 +75,9 @@ def test_a_warm_start_that_never_left_its_plateau_is_flagged(
     warm = WarmStart(model=model, history=history, sites=["p"], images=8, seconds=2.0)
     assert warm.stalled is stalled
     assert warm.metadata()["stalled"] is stalled
+
+
+def test_pretrain_help_states_the_warm_starts_default_epochs() -> None:
+    # The CLI cannot import the constant (torch) without slowing every --help.
+    result = CliRunner().invoke(client_cli, ["pretrain", "--help"], env={"COLUMNS": "200"})
+    assert f"(default: {PUBLIC_WARM_START_EPOCHS})" in result.output
