@@ -187,8 +187,12 @@ def start_warm_launcher(
     launcher.write_text(_LAUNCHER)
     shim = bin_dir / "flwr-clientapp"
     cold = str(Path(sys.executable).parent / "flwr-clientapp")
-    shim.write_text(_SHIM.format(python=sys.executable, site=site, address=address, cold=cold))
-    shim.chmod(0o755)
+    # Written beside it and renamed over it, executable: a SuperNode (or a test) that sees
+    # the shim never finds it half-written or not yet executable.
+    staged = shim.with_name(f".{shim.name}.tmp")
+    staged.write_text(_SHIM.format(python=sys.executable, site=site, address=address, cold=cold))
+    staged.chmod(0o755)
+    os.replace(staged, shim)
     # -I: the launcher must not see the checkout (no project module may be preloaded).
     return subprocess.Popen([sys.executable, "-I", str(launcher), address, *modules])
 
