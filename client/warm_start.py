@@ -53,8 +53,9 @@ class WarmStart:
 
     @property
     def stalled(self) -> bool:
-        """Whether training never left the initial plateau: the last epoch's loss is within
-        5 % of the first's (the model then separates nothing; train more epochs)."""
+        """Whether training never left the initial plateau: the last epoch's loss is at least
+        :data:`STALL_LOSS_FRACTION` of the first's (the model then separates nothing; train
+        more epochs)."""
         if not self.history.epochs:
             return True
         first, last = self.history.epochs[0].loss, self.history.final_loss

@@ -18,11 +18,7 @@ def pretrain(
     ],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.pt).")],
     epochs: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Central training epochs (default: 30).",
-        ),
+        int | None, typer.Option(min=1, help="Central training epochs (default: 30).")
     ] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 32,
