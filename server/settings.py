@@ -7,6 +7,7 @@ in ``pyproject.toml`` (that table is what ``flwr run`` sends); an override on th
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +120,27 @@ class RunSettings(BaseModel):
         try:
             return cls.model_validate(dict(run_config))
         except ValidationError as error:
+            valid = cls.run_config_keys()
             lines = []
+            unknown = False
             for item in error.errors(include_url=False):
                 key = ".".join(str(part) for part in item["loc"]) or "(run config)"
                 message = item["msg"].removeprefix("Value error, ")
                 if item["type"] == "extra_forbidden":
-                    message = "unknown run-config key"
+                    unknown = True
+                    hint = difflib.get_close_matches(key, valid, n=1)
+                    message = "unknown run-config key" + (
+                        f"; did you mean {hint[0]!r}?" if hint else ""
+                    )
                 lines.append(f"  - {key}: {message}")
+            if unknown:
+                lines.append(f"valid keys: {', '.join(valid)}")
             raise ConfigError("invalid run config:\n" + "\n".join(lines)) from None
+
+    @classmethod
+    def run_config_keys(cls) -> list[str]:
+        """Every run-config key, as written in ``[tool.flwr.app.config]`` (kebab-case)."""
+        return [field.alias or name for name, field in cls.model_fields.items()]
 
     def resolved_run_dir(self) -> Path:
         """``run_dir`` as an absolute path."""

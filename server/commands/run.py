@@ -12,6 +12,7 @@ from rich.console import Console
 from server.commands.start import DEFAULT_HOME
 from server.coordinator import Coordinator, follow_run, round_table, submit
 from server.flower_cli import stop_run
+from server.settings import RunSettings
 from sic_core.errors import SicfedError
 
 __all__ = ["parse_overrides", "run"]
@@ -61,6 +62,8 @@ def run(
     try:
         addresses = coordinator.addresses()
         overrides = {"tracking-uri": addresses.tracking_uri, **parse_overrides(set_ or [])}
+        # Flower would refuse a bad key only as "Invalid run configuration."; name it here.
+        RunSettings.from_run_config(overrides)
         run_id = submit(coordinator, overrides, staging_parent=coordinator.home / "staging")
     except SicfedError as error:
         console.print(f"[red]error:[/] {error}")
