@@ -21,6 +21,7 @@ from server.settings import RunSettings
 from server.sites import SiteDirectory
 from server.strategy import SicStrategy, make_aggregator, with_central_dp
 from server.tracking import MlflowTracker
+from server.update_bound import UpdateNormBound
 from server.warm_start import load_initial_weights
 from sic_core import anchor_support, create_model, unit_filter_state_dict
 from sic_core.errors import SicfedError
@@ -94,6 +95,7 @@ def build_strategy(settings: RunSettings, sites: SiteDirectory | None = None) ->
         proximal_mu=settings.proximal_mu,
         server_lr=settings.server_lr,
         trim_beta=settings.trim_beta,
+        byzantine_sites=settings.byzantine_sites,
     )
     if settings.central_dp:
         aggregator = with_central_dp(
@@ -110,6 +112,9 @@ def build_strategy(settings: RunSettings, sites: SiteDirectory | None = None) ->
         proj_dim=settings.proj_dim,
         node_wait=settings.node_wait,
         max_update_norm=settings.max_update_norm,
+        update_bound=(
+            UpdateNormBound(settings.update_clip_factor) if settings.update_clip_factor else None
+        ),
         merge_seed=settings.seed,
         sites=sites,
         # Under DP the anchor rounds keep the public anchors as the global support set (sites

@@ -20,18 +20,16 @@ round completes with the others. Waiting for sites is bounded everywhere.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from server.checkpoint import RunFiles
+from server.checkpoint import RunFiles, capture_rng_state
 from server.messaging import exchange
 from server.reports import (
     federation_summary,
@@ -162,14 +160,6 @@ class ExplanationRecord:
             tracker.log_federation_summary(summary)
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-
-
 def run_federation(
     grid: Grid,
     strategy: SicStrategy,
@@ -274,8 +264,11 @@ def run_federation(
                     "support_labels": support.labels if support is not None else None,
                     "aggregator": type(strategy.aggregator).__name__,
                     "aggregator_state": strategy.aggregator_state(),
+                    "update_norm_history": (
+                        strategy.update_bound.history if strategy.update_bound else []
+                    ),
                     "sites": sites.names,
-                    "rng": _rng_state(),
+                    "rng": capture_rng_state(),
                     "mlflow": {
                         "parent_run_id": tracker.parent_run_id if tracker else "",
                         "site_run_ids": dict(tracker.site_run_ids) if tracker else {},

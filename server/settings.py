@@ -31,9 +31,13 @@ class RunSettings(BaseModel):
     encoder, image_size, num_classes, n_shot, proj_dim
         The global SIC model.
     strategy
-        ``fedavg`` (default), ``fedprox``, ``fedadam``, ``fedmedian`` or ``fedtrimmedavg``.
+        ``fedavg`` (default), ``fedprox``, ``fedadam``, ``fedmedian``, ``fedtrimmedavg``,
+        ``krum`` or ``multikrum`` (averages the ``n - byzantine_sites`` best-scored updates).
     proximal_mu, server_lr, trim_beta
         FedProx's mu, FedAdam's server learning rate, FedTrimmedAvg's cut fraction.
+    byzantine_sites
+        Malicious sites Krum and Multi-Krum assume (``f``; they need
+        ``min_sites >= 2 f + 3``).
     fraction_train, fraction_evaluate, min_sites
         Site sampling.
     seed
@@ -55,7 +59,10 @@ class RunSettings(BaseModel):
         ``central_dp_noise * central_dp_clip / min_sites``. Off by default; fedavg/fedprox
         only.
     max_update_norm
-        Reject train replies whose update norm exceeds this (0 disables).
+        Reject train replies whose update norm exceeds this fixed bound (0 disables).
+    update_clip_factor
+        Clip every accepted update to this many times the running (lower) median norm of
+        the updates of the last rounds (:mod:`server.update_bound`; 0 disables).
     round_timeout, node_wait, poll_interval
         Seconds to wait for replies per phase, for enough sites, and between polls.
     run_dir
@@ -80,6 +87,7 @@ class RunSettings(BaseModel):
     proximal_mu: float = Field(0.01, ge=0, alias="proximal-mu")
     server_lr: float = Field(0.1, gt=0, alias="server-lr")
     trim_beta: float = Field(0.2, ge=0, lt=0.5, alias="trim-beta")
+    byzantine_sites: int = Field(1, ge=0, alias="byzantine-sites")
     fraction_train: float = Field(1.0, gt=0, le=1, alias="fraction-train")
     fraction_evaluate: float = Field(1.0, gt=0, le=1, alias="fraction-evaluate")
     min_sites: int = Field(2, ge=1, alias="min-sites")
@@ -91,6 +99,7 @@ class RunSettings(BaseModel):
     central_dp_noise: float = Field(1.0, ge=0, alias="central-dp-noise")
     central_dp_clip: float = Field(1.0, gt=0, alias="central-dp-clip")
     max_update_norm: float = Field(0.0, ge=0, alias="max-update-norm")
+    update_clip_factor: float = Field(3.0, ge=0, alias="update-clip-factor")
     round_timeout: float = Field(900.0, gt=0, alias="round-timeout")
     node_wait: float = Field(120.0, gt=0, alias="node-wait")
     poll_interval: float = Field(0.2, gt=0, le=10, alias="poll-interval")

@@ -2,12 +2,13 @@
 
 :class:`SicStrategy` is a Flower :class:`~flwr.serverapp.strategy.Strategy`. It delegates
 sampling and weight aggregation to a built-in Flower strategy (FedAvg by default; FedProx,
-FedAdam, FedMedian or FedTrimmedAvg, see :func:`make_aggregator`) and adds what SIC and a
-hospital network need around it:
+FedAdam, FedMedian, FedTrimmedAvg, Krum or Multi-Krum, see :func:`make_aggregator`) and adds
+what SIC and a hospital network need around it:
 
 - bounded waiting for sites (Flower's sampling waits forever for a missing site);
 - the global support set attached to every ``train`` and ``evaluate`` message;
-- validation of every reply before aggregation (:mod:`server.validation`);
+- validation of every reply before aggregation (:mod:`server.validation`), then the adaptive
+  bound on update norms (:mod:`server.update_bound`);
 - attribution of every reply, rejection, error and timeout to a site name;
 - replies sorted by site before aggregation, so the aggregate does not depend on arrival
   order;
@@ -20,7 +21,7 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,11 +44,14 @@ from flwr.serverapp.strategy import (
     FedMedian,
     FedProx,
     FedTrimmedAvg,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 
 from server.messaging import wait_for_nodes
 from server.sites import SiteDirectory, site_name_in
+from server.update_bound import UpdateNormBound
 from server.validation import (
     Rejection,
     check_eval_reply,
@@ -60,7 +64,9 @@ from sic_core.support import ClusterStatistics, SupportSet, merge_cluster_statis
 from sic_core.wire import ArrayKey, EvalMetric, QueryName, RecordKey, parse_error
 
 __all__ = [
+    "KRUM_STRATEGIES",
     "STRATEGIES",
+    "MultiKrumAllButMalicious",
     "Phase",
     "PhaseReport",
     "SicStrategy",
@@ -73,6 +79,23 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+class MultiKrumAllButMalicious(MultiKrum):
+    """Flower's Multi-Krum averaging the ``n - f`` best-scored of a round's ``n`` updates.
+
+    ``f`` is ``num_malicious_nodes``; ``n - f`` is Multi-Krum's usual choice (Blanchard et
+    al., 2017), and ``n`` is only known once the round's replies are in.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Select ``n - f`` updates by Krum score and average them (Flower's Multi-Krum)."""
+        replies = list(replies)
+        self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
+        return super().aggregate_train(server_round, replies)
+
+
 #: Strategy names selectable in the run config (``strategy = "..."``).
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
@@ -80,7 +103,12 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedadam": FedAdam,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrumAllButMalicious,
 }
+
+#: Aggregators that pick updates by Krum score; they assume ``byzantine-sites`` poisoners.
+KRUM_STRATEGIES = ("krum", "multikrum")
 
 #: Aggregators whose result is a (weighted) mean of the updates: the only ones central DP's
 #: noise calibration (``sigma * clip / sites``) fits.
@@ -115,6 +143,7 @@ def make_aggregator(
     proximal_mu: float = 0.01,
     server_lr: float = 0.1,
     trim_beta: float = 0.2,
+    byzantine_sites: int = 1,
 ) -> FedAvg:
     """Build the Flower strategy that samples sites and aggregates weights.
 
@@ -132,6 +161,10 @@ def make_aggregator(
         FedAdam's server learning rate ``eta``.
     trim_beta
         FedTrimmedAvg's cut fraction per tail.
+    byzantine_sites
+        Krum's and Multi-Krum's assumed number of malicious sites ``f``; their guarantee
+        needs ``min_sites >= 2 f + 3`` (``f = 0``: pick the most central updates, no
+        guarantee).
 
     Raises
     ------
@@ -160,6 +193,16 @@ def make_aggregator(
         if not 0.0 <= trim_beta < 0.5:
             raise ConfigError(f"trim-beta: expected a value in [0, 0.5), got {trim_beta}")
         return FedTrimmedAvg(**common, beta=trim_beta)
+    if key in KRUM_STRATEGIES:
+        if byzantine_sites < 0:
+            raise ConfigError(f"byzantine-sites: expected >= 0, got {byzantine_sites}")
+        if byzantine_sites > 0 and min_sites < 2 * byzantine_sites + 3:
+            raise ConfigError(
+                f"byzantine-sites: {key} with {byzantine_sites} malicious sites needs "
+                f"min-sites >= {2 * byzantine_sites + 3} (2 f + 3), got {min_sites}; "
+                "lower byzantine-sites or raise min-sites"
+            )
+        return STRATEGIES[key](**common, num_malicious_nodes=byzantine_sites)
     return STRATEGIES[key](**common)
 
 
@@ -240,7 +283,8 @@ class SiteOutcome:
         ``ok``, ``rejected`` (reply failed validation), ``failed`` (the site sent an error
         code) or ``timeout`` (no reply before the deadline).
     reason
-        Fixed reason code for anything but ``ok``.
+        Fixed reason code for anything but ``ok``; an ``ok`` train reply whose update the
+        adaptive bound shortened has ``update_clipped``.
     metrics
         The site's metrics (``ok`` only).
     report
@@ -290,7 +334,10 @@ class SicStrategy(Strategy):
     node_wait
         Seconds to wait for the aggregator's ``min_available_nodes`` before a phase.
     max_update_norm
-        Reject train replies whose update is longer than this (``0``: no bound).
+        Reject train replies whose update is longer than this (``0``: no fixed bound).
+    update_bound
+        Clips the accepted updates to a multiple of the running median norm
+        (``None``: no adaptive bound).
     merge_seed
         Seed of the weighted k-means that merges site centroids.
     sites
@@ -311,6 +358,7 @@ class SicStrategy(Strategy):
         proj_dim: int,
         node_wait: float = 120.0,
         max_update_norm: float = 0.0,
+        update_bound: UpdateNormBound | None = None,
         merge_seed: int = 0,
         sites: SiteDirectory | None = None,
         public_support_rounds: int = 0,
@@ -322,6 +370,9 @@ class SicStrategy(Strategy):
         self.proj_dim = proj_dim
         self.node_wait = node_wait
         self.max_update_norm = max_update_norm
+        self.update_bound = update_bound
+        #: ``site -> (update norm, bound)`` of the updates the last train round clipped.
+        self.clipped: dict[str, tuple[float, float]] = {}
         self.merge_seed = merge_seed
         self.sites = sites if sites is not None else SiteDirectory()
         #: Current global support set (set by the support phase).
@@ -335,12 +386,14 @@ class SicStrategy(Strategy):
     def summary(self) -> None:
         """Log the configuration."""
         log.info(
-            "SicStrategy over %s: %d classes x %d supports (dim %d), update-norm bound %s",
+            "SicStrategy over %s: %d classes x %d supports (dim %d), update-norm bound %s, "
+            "clip to %s x running median",
             type(self.aggregator).__name__,
             self.num_classes,
             self.n_shot,
             self.proj_dim,
             self.max_update_norm or "off",
+            self.update_bound.factor if self.update_bound else "off",
         )
         self.aggregator.summary()
 
@@ -480,11 +533,15 @@ class SicStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, attribute and sort train replies, then aggregate them with the aggregator."""
+        """Validate, attribute, sort and bound train replies, then aggregate them.
+
+        A reply the adaptive bound shortened stays ``ok`` in the phase report, with the
+        reason ``update_clipped``.
+        """
         reference = self._sent_arrays
         if reference is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        accepted, _ = self.review(
+        accepted, report = self.review(
             Phase.TRAIN,
             server_round,
             replies,
@@ -497,7 +554,39 @@ class SicStrategy(Strategy):
                 "train round %d: no valid reply; the global model is unchanged", server_round
             )
             return None, None
+        self._bound_updates(accepted, report, reference)
         return self.aggregator.aggregate_train(server_round, accepted)
+
+    def _bound_updates(
+        self, accepted: list[Message], report: PhaseReport, reference: ArrayRecord
+    ) -> None:
+        self.clipped = {}
+        if self.update_bound is None:
+            return
+        key = str(RecordKey.ARRAYS)
+        bounded = self.update_bound.apply([reply.content[key] for reply in accepted], reference)
+        for reply, update in zip(accepted, bounded, strict=True):
+            if update.clipped:
+                site = site_name_in(reply) or ""
+                log.warning(
+                    "train round %d: clipped the update of site %s from norm %.4g to %.4g",
+                    report.server_round,
+                    site,
+                    update.norm,
+                    update.bound,
+                )
+                reply.content[key] = update.arrays
+                self.clipped[site] = (update.norm, update.bound)
+        self.reports[Phase.TRAIN] = PhaseReport(
+            report.phase,
+            report.server_round,
+            tuple(
+                replace(o, reason="update_clipped")
+                if o.status == "ok" and o.site in self.clipped
+                else o
+                for o in report.outcomes
+            ),
+        )
 
     def aggregate_support(self, server_round: int, replies: Iterable[Message]) -> SupportSet | None:
         """Merge the sites' cluster statistics into the new global support set.
@@ -570,11 +659,16 @@ class SicStrategy(Strategy):
         return metrics
 
     # ------------------------------------------------------------------ state
-    def aggregator_state(self) -> dict[str, dict[str, np.ndarray]]:
-        """Server-optimiser moments of adaptive aggregators (FedAdam), for checkpoints."""
-        state: dict[str, dict[str, np.ndarray]] = {}
+    def aggregator_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Server-optimiser moments of adaptive aggregators (FedAdam), for checkpoints.
+
+        Tensors, not numpy arrays: a checkpoint must load with ``weights_only=True``.
+        """
+        state: dict[str, dict[str, torch.Tensor]] = {}
         for name in ("m_t", "v_t"):
             value = getattr(base_aggregator(self.aggregator), name, None)
             if value:
-                state[name] = {key: np.asarray(array) for key, array in value.items()}
+                state[name] = {
+                    key: torch.from_numpy(np.array(array)) for key, array in value.items()
+                }
         return state

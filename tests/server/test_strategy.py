@@ -22,7 +22,7 @@ from flwr.common.constant import ErrorCode
 
 from server.messaging import NotEnoughSitesError, exchange, wait_for_nodes
 from server.sites import SiteDirectory
-from server.strategy import STRATEGIES, SicStrategy, make_aggregator
+from server.strategy import KRUM_STRATEGIES, STRATEGIES, SicStrategy, make_aggregator
 from sic_core.errors import ConfigError
 from sic_core.support import SupportSet
 from sic_core.wire import (
@@ -240,8 +240,10 @@ def test_missing_reply_is_reported_as_timeout() -> None:
 def test_aggregate_does_not_depend_on_reply_order(name: str) -> None:
     """Replies arrive in any order; the aggregate is bitwise the same (sorted by site)."""
     results = []
+    # Three sites are too few for Krum with a malicious one (it needs 2 f + 3).
+    options = {"byzantine_sites": 0} if name in KRUM_STRATEGIES else {}
     for order in itertools.permutations(NODES):
-        strategy = make_strategy(name)
+        strategy = make_strategy(name, **options)
         grid = FakeGrid(honest_app, {n: {} for n in NODES})
         with server_identity():
             messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), grid))
