@@ -1,4 +1,4 @@
-"""The coordinator CLI: ``python -m server start | run | status | stop | demo | report``.
+"""The coordinator CLI: ``python -m server start | run | status | stop | demo | report | audit``.
 
 Examples
 --------
@@ -16,12 +16,17 @@ Operate a deployment::
 Rebuild a run's per-site reports and federation summary from MLflow::
 
     python -m server report /srv/sicfed/runs/4242
+
+Check a run's hash-chained audit log::
+
+    python -m server audit verify /srv/sicfed/runs/4242
 """
 
 from __future__ import annotations
 
 import typer
 
+from server.commands.audit import audit_app
 from server.commands.demo import demo
 from server.commands.report import report
 from server.commands.run import run
@@ -41,3 +46,4 @@ app.command("status")(status)
 app.command("stop")(stop)
 app.command("demo")(demo)
 app.command("report")(report)
+app.add_typer(audit_app)

@@ -315,6 +315,7 @@ def round_table(rounds: list[dict[str, Any]], title: str = "Federation rounds") 
     """A rich table: one row per round, mean site AUROC and each site's validation AUROC.
 
     A site that failed shows its reason code; ``n/a`` marks a split without both outcomes.
+    The failures column also lists accepted replies with a note (``update_clipped``).
     """
     sites = sorted(
         {row["site"] for entry in rounds for row in entry.get("sites", {}).get("evaluate", [])}
@@ -345,7 +346,7 @@ def round_table(rounds: list[dict[str, Any]], title: str = "Federation rounds") 
             f"{row['site']}:{phase}:{row['reason']}"
             for phase, rows in entry.get("sites", {}).items()
             for row in rows
-            if row["status"] != "ok"
+            if row["status"] != "ok" or row["reason"]
         ]
         cells += [
             _fmt(summary.get("train/loss"), digits=4),
