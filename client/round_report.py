@@ -299,7 +299,10 @@ def audit_and_report(
         quarantine=dict(data.quarantine_counts),
         performance=facts.performance,
         metrics=metrics,
-        history=[{**entry.get("perf", {}), **entry.get("xai", {})} for entry in history],
+        history=[
+            {"round": entry.get("round"), **entry.get("perf", {}), **entry.get("xai", {})}
+            for entry in history
+        ],
         released=facts.released,
         reliability=facts.reliability,
         sanity=_read_json(sanity_path(config)),

@@ -2,8 +2,12 @@
 
 The site has the pixels, so it builds the full report and keeps it under
 ``state_dir/reports/round_XXX/``; what it sends to the server is the redacted JSON unless its
-config sets ``reporting.share_example_images: true``. Class counts under 10 are shown as
-"<10" (small cells can identify patients).
+config sets ``reporting.share_example_images: true``.
+
+Small cells: a class count from 1 to 9 can identify patients, and every split's total leaves
+the site anyway (``num-examples`` of each reply, ``audit_cases``), so hiding that one count
+alone would not hide it: total minus the other classes gives it back. A split with such a
+count therefore shows none of its class counts (:func:`suppress_small_cells`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = [
     "overlay_png",
     "png_data_uri",
     "small_cell",
+    "suppress_small_cells",
     "write_site_report",
 ]
 
@@ -54,9 +59,32 @@ LIMITATIONS = [
 ]
 
 
+#: What a data-sheet cell shows when its split holds a small cell.
+SUPPRESSED = "suppressed"
+
+
 def small_cell(count: int) -> int | str:
     """A count as shown in reports: ``"<10"`` below :data:`SMALL_CELL`."""
     return f"<{SMALL_CELL}" if 0 < count < SMALL_CELL else count
+
+
+def suppress_small_cells(counts: Sequence[int]) -> list[int | str]:
+    """One split's class counts as the data sheet shows them.
+
+    If any count lies in ``1 .. SMALL_CELL - 1``, every count of the split (zeros too) shows
+    as :data:`SUPPRESSED`: the split's total is known outside the site, so with one cell
+    hidden and the others shown, ``total - sum(others)`` would reveal it, and a cell marked
+    ``"<10"`` beside cells marked otherwise still tells which class is small. Otherwise the
+    counts are shown as they are.
+
+    Parameters
+    ----------
+    counts
+        Images per class of one split.
+    """
+    if any(small_cell(count) != count for count in counts):
+        return [SUPPRESSED] * len(counts)
+    return list(counts)
 
 
 def png_data_uri(rgb: np.ndarray) -> str:
@@ -111,7 +139,8 @@ class ReportInputs:
     metrics
         Explanation metrics for this round (``xai/*``).
     history
-        Earlier rounds' ``perf/*`` and ``xai/*`` values at this site, oldest first.
+        Earlier rounds' ``perf/*`` and ``xai/*`` values at this site, oldest first, each with
+        its ``"round"`` (the x axis of the trend lines).
     released
         What left the site this round: (what, value) rows.
     """
@@ -145,10 +174,14 @@ def _gallery(
     support_images: Tensor,
     class_names: Sequence[str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    wrong = torch.nonzero(result.predicted != audit.labels).flatten()
+    wrong = result.predicted != audit.labels
     confidence = result.logits.max(dim=1).values
-    worst = wrong[confidence[wrong].argsort(descending=True)][:GALLERY_ERRORS].tolist()
-    cases = list(range(min(GALLERY_CASES, audit.labels.numel()))) + worst
+    fixed = list(range(min(GALLERY_CASES, audit.labels.numel())))
+    # The most confident errors among the cases not already shown: each case appears once.
+    others = torch.nonzero(wrong).flatten()
+    others = others[~torch.isin(others, torch.tensor(fixed, dtype=torch.long))]
+    worst = others[confidence[others].argsort(descending=True)][:GALLERY_ERRORS].tolist()
+    cases = fixed + worst
     scale = float(result.target_maps().abs().flatten().quantile(0.995)) or 1.0
     support_explanation = explain_support(model, support_images)
     support_scale = float(support_explanation.maps.abs().flatten().quantile(0.995)) or 1.0
@@ -179,7 +212,7 @@ def _gallery(
                 "title": (
                     f"case {i}: true {class_names[int(audit.labels[i])]}, predicted "
                     f"{class_names[target]} (logit {float(result.logits[i, target]):.3f})"
-                    + (" — error" if i in worst else "")
+                    + (" — error" if wrong[i] else "")
                 ),
                 "input_png": png_data_uri(_grey(audit.images[i])),
                 "overlay_png": overlay_png(
@@ -247,6 +280,7 @@ def build_site_report(
                 "threshold": XAI_THRESHOLDS.get(key),
                 "change": _change(value, _previous(history, key)),
                 "trend": [h.get(key) for h in history] + [value],
+                "rounds": [h.get("round") for h in history] + [inputs.provenance.get("round")],
                 "flagged": crosses_threshold(key, value),
             }
         )
@@ -255,7 +289,7 @@ def build_site_report(
         for key, value in inputs.performance.items()
     ]
     counts = {
-        split: [small_cell(per_class.get(name, 0)) for name in inputs.class_names]
+        split: suppress_small_cells([per_class.get(name, 0) for name in inputs.class_names])
         for split, per_class in inputs.class_counts.items()
     }
     findings = [

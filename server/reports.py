@@ -40,6 +40,7 @@ from sic_core.wire import XaiMetric
 __all__ = [
     "DRIFT_ROBUST_Z",
     "FLAG_KEYS",
+    "SERVER_FLAGS_FINDING",
     "SUMMARY_KEYS",
     "federation_summary",
     "outlier_flags",
@@ -56,6 +57,9 @@ MIN_SITES_FOR_Z = 3
 
 #: Outlier flags per site and round (MLflow metrics in the site's child run, 0 or 1).
 FLAG_KEYS = ("flag/drift_outlier", "flag/completeness", "flag/artifact_mass_lift")
+
+#: How the finding that lists a site's outlier flags begins (one such line per report).
+SERVER_FLAGS_FINDING = "Server outlier flags this round: "
 
 #: Per-site values shown in the federation summary (MLflow keys).
 SUMMARY_KEYS = (
@@ -144,7 +148,8 @@ def with_site_context(
     values_by_round
         round -> site -> metric -> value, for every round up to this one.
     flags
-        This round's outlier flags of the site (added to its findings).
+        This round's outlier flags of the site (added to its findings, replacing a flags
+        line the report already carries, so applying this twice changes nothing).
     """
     rounds = sorted(values_by_round)
     latest = values_by_round[rounds[-1]] if rounds else {}
@@ -171,9 +176,14 @@ def with_site_context(
             band.append([min(values), max(values)] if values else [math.nan, math.nan])
         rows.append({**row, "rank": rank, "band": band or None})
     raised = [name.removeprefix("flag/") for name, value in flags.items() if value]
-    findings = list(report.get("findings", []))
+    # A report read back from MLflow (``server report``) already carries the server's line.
+    findings = [
+        finding
+        for finding in report.get("findings", [])
+        if not str(finding).startswith(SERVER_FLAGS_FINDING)
+    ]
     if raised:
-        findings.append(f"Server outlier flags this round: {', '.join(raised)}.")
+        findings.append(f"{SERVER_FLAGS_FINDING}{', '.join(raised)}.")
     return {**report, "xai": rows, "findings": findings, "flags": dict(flags)}
 
 

@@ -26,11 +26,14 @@ from server.strategy import PhaseReport
 from sic_core.wire import EvalMetric, SupportMetric, TrainMetric
 
 __all__ = [
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
     "SITE_METRIC_NAMES",
     "MlflowTracker",
     "StoredFederation",
     "experiment_name",
     "read_federation",
+    "runs_table_url",
     "site_metric_name",
 ]
 
@@ -81,6 +84,31 @@ def experiment_name(study: str) -> str:
     return f"sicfed/{study}"
 
 
+#: The experiment tag MLflow 3 reads as the experiment's kind; a classic-ML kind makes the UI
+#: show the experiment as model training (runs table, charts) instead of a GenAI app
+#: (traces, token usage).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: The UI's query parameter for its "GenAI / Model training" switch. MLflow 3.17's UI takes
+#: the kind from this switch (default GenAI) rather than from the tag, so links carry it.
+_WORKFLOW_QUERY = "workflowType=machine_learning"
+
+
+def runs_table_url(tracking_uri: str, experiment_id: str) -> str | None:
+    """The MLflow UI page with the experiment's runs table, ``None`` for a non-HTTP store.
+
+    Parameters
+    ----------
+    tracking_uri
+        The tracking server, e.g. ``http://127.0.0.1:5000``.
+    experiment_id
+        The experiment's id.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs?{_WORKFLOW_QUERY}"
+
+
 class MlflowTracker:
     """Logs a federation run to an MLflow tracking server with explicit run ids.
 
@@ -107,12 +135,24 @@ class MlflowTracker:
         self.site_run_ids: dict[str, str] = {}
 
     def start(self) -> str:
-        """Create (or find) the experiment and open the parent run; return its id."""
+        """Create (or find) the experiment and open the parent run; return its id.
+
+        The experiment is tagged as classic model development (:data:`EXPERIMENT_KIND_TAG`),
+        so MLflow's UI lists it with its runs rather than as a GenAI app.
+        """
         name = experiment_name(self.study)
         experiment = self.client.get_experiment_by_name(name)
-        self.experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(name)
-        )
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(
+                name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        else:
+            self.experiment_id = experiment.experiment_id
+            # Experiments made before the tag existed (or by hand) are set up the same way.
+            if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                self.client.set_experiment_tag(
+                    self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                )
         run = self.client.create_run(self.experiment_id, run_name=self.run_name)
         self.parent_run_id = run.info.run_id
         params = {**self.params, **threshold_params()}
@@ -121,6 +161,9 @@ class MlflowTracker:
             params=[Param(key, value) for key, value in sorted(params.items())],
         )
         log.info("MLflow parent run %s in experiment %s", self.parent_run_id, name)
+        url = runs_table_url(self.tracking_uri, self.experiment_id)
+        if url is not None:
+            log.info("MLflow runs table: %s", url)
         return self.parent_run_id
 
     def site_run(self, site: str) -> str:

@@ -68,15 +68,22 @@ PIXEL_SECTIONS = ("gallery", "support_set")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
-max-width:1100px;color:#1d2330;line-height:1.45}
+max-width:1100px;padding:0 1em;color:#1d2330;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #dde3ee;padding-bottom:.2em;
 margin-top:1.8em}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #dde3ee;
 padding:.25em .6em;text-align:left;font-variant-numeric:tabular-nums}th{background:#f3f6fb}
 .flag{color:#b00020;font-weight:600}.ok{color:#1b7f3b}.muted{color:#66708a}
-.case{display:flex;gap:1em;align-items:flex-start;border:1px solid #dde3ee;padding:.6em;
-margin:.6em 0;flex-wrap:wrap}.case img{width:160px;height:160px;image-rendering:pixelated;
-border:1px solid #ccd}.thumbs img{width:96px;height:96px}figure{margin:0;text-align:center;
-font-size:.85em}.note{background:#f7f9fc;border-left:4px solid #6b8cce;padding:.5em 1em}
+.case{display:grid;grid-template-columns:auto auto minmax(0,1fr) auto;gap:1em;
+align-items:start;border:1px solid #dde3ee;padding:.6em;margin:.6em 0}
+.case img{width:160px;height:160px;image-rendering:pixelated;border:1px solid #ccd}
+.case svg{max-width:100%;height:auto}.supports{display:flex;flex-direction:column;gap:.4em}
+.supports img{width:72px;height:72px}.thumbs{display:flex;flex-wrap:wrap;gap:1em}
+.thumbs img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #ccd}
+figure{margin:0;text-align:center;font-size:.85em}
+.note{background:#f7f9fc;border-left:4px solid #6b8cce;padding:.5em 1em}
+.scroll{overflow-x:auto;max-width:100%}body.wide{max-width:none}
+.summary th{font-size:.8em;vertical-align:bottom}.summary td{white-space:nowrap;padding:.2em .4em;
+font-size:.9em}.summary .flag{white-space:normal}
 """
 
 
@@ -114,7 +121,8 @@ def _bar_chart(bars: Sequence[tuple[str, float]], *, width: int = 420) -> str:
     row, label_w = 18, 120
     half = (width - label_w) / 2
     parts = [
-        f'<svg width="{width}" height="{row * len(bars) + 4}" role="img" '
+        f'<svg width="{width}" height="{row * len(bars) + 4}" '
+        f'viewBox="0 0 {width} {row * len(bars) + 4}" role="img" '
         f'aria-label="evidence bars"><line x1="{label_w + half}" y1="0" x2="{label_w + half}" '
         f'y2="{row * len(bars)}" stroke="#999"/>'
     ]
@@ -137,29 +145,63 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+def _axis_label(x: float, y: float, text: str, anchor: str = "middle") -> str:
+    return (
+        f'<text x="{x:.1f}" y="{y:.1f}" font-size="9" fill="#66708a" '
+        f'text-anchor="{anchor}">{_escape(text)}</text>'
+    )
+
+
 def _line_chart(
     series: Sequence[float | None],
     band: Sequence[Sequence[float]] | None = None,
     *,
-    width: int = 180,
-    height: int = 44,
+    rounds: Sequence[object] | None = None,
+    width: int = 220,
+    height: int = 64,
 ) -> str:
-    """A sparkline of one metric over rounds, with the other sites' band (min-max) behind it."""
+    """One metric over rounds, with the other sites' band (min-max) behind it, on labelled axes.
+
+    The y axis is labelled with the lowest and highest value drawn (line or band), the x axis
+    with the first and last round (``rounds``, one per entry of ``series``; without it, the
+    evaluation's position: 1 is the oldest).
+    """
     points = [(i, v) for i, v in enumerate(series) if _is_number(v)]
     band_points = [b for b in (band or []) if len(b) == 2 and all(_is_number(x) for x in b)]
     values = [v for _, v in points] + [x for b in band_points for x in b]
     if not values:
         return '<span class="muted">no data</span>'
     low, high = min(values), max(values)
-    span = (high - low) or 1.0
     steps = max(len(series) - 1, 1)
+    # Plot area: room on the left for the value labels, below for the round labels.
+    left, right, top, bottom = 54, width - 6, 6, height - 14
+
+    def x_of(i: int) -> float:
+        return left + i * (right - left) / steps
+
+    def y_of(v: float) -> float:
+        if high == low:  # a flat series runs through the middle, under its one label
+            return (top + bottom) / 2
+        return bottom - (v - low) / (high - low) * (bottom - top)
 
     def xy(i: int, v: float) -> str:
-        return (
-            f"{4 + i * (width - 8) / steps:.1f},{height - 4 - (v - low) / span * (height - 8):.1f}"
-        )
+        return f"{x_of(i):.1f},{y_of(v):.1f}"
 
-    parts = [f'<svg width="{width}" height="{height}" role="img" aria-label="trend">']
+    labels = list(rounds) if rounds is not None and len(rounds) == len(series) else None
+    first, last = (labels[0], labels[-1]) if labels else (1, len(series))
+    prefix = "round " if labels else "eval "
+    parts = [
+        f'<svg width="{width}" height="{height}" role="img" aria-label="trend over rounds">',
+        f'<path d="M{left},{top}V{bottom}H{right}" fill="none" stroke="#99a"/>',
+        _axis_label(left, height - 2, f"{prefix}{first}", "start"),
+    ]
+    if high == low:
+        parts.append(_axis_label(left - 3, (top + bottom) / 2 + 3, _number(high, 3), "end"))
+    else:
+        parts.append(_axis_label(left - 3, top + 7, _number(high, 3), "end"))
+        parts.append(_axis_label(left - 3, bottom, _number(low, 3), "end"))
+    if len(series) > 1:
+        parts.append(_axis_label(right, height - 2, f"{prefix}{last}", "end"))
     if band and len(band_points) == len(band):
         upper = [xy(i, b[1]) for i, b in enumerate(band)]
         lower = [xy(i, b[0]) for i, b in reversed(list(enumerate(band)))]
@@ -169,16 +211,25 @@ def _line_chart(
             f'<polyline points="{" ".join(xy(i, v) for i, v in points)}" fill="none" '
             'stroke="#1d2330" stroke-width="1.5"/>'
         )
+        parts.extend(
+            f'<circle cx="{x_of(i):.1f}" cy="{y_of(v):.1f}" r="1.8" fill="#1d2330"/>'
+            for i, v in points
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
 def _reliability_diagram(bins: Sequence[Mapping[str, float]], *, size: int = 180) -> str:
+    """Accuracy per confidence bin as bars over the diagonal, on axes ticked at 0, 0.5 and 1."""
     if not bins:
         return '<p class="muted">no reliability data</p>'
+    left, top, below = 36, 8, 32
+    width, height = left + size + 10, top + size + below
+    bottom = top + size
     parts = [
-        f'<svg width="{size}" height="{size}" role="img" aria-label="reliability diagram">'
-        f'<line x1="0" y1="{size}" x2="{size}" y2="0" stroke="#bbb" stroke-dasharray="4"/>'
+        f'<svg width="{width}" height="{height}" role="img" aria-label="reliability diagram">',
+        f'<line x1="{left}" y1="{bottom}" x2="{left + size}" y2="{top}" stroke="#bbb" '
+        'stroke-dasharray="4"/>',
     ]
     for i, entry in enumerate(bins):
         accuracy = entry.get("accuracy")
@@ -187,13 +238,26 @@ def _reliability_diagram(bins: Sequence[Mapping[str, float]], *, size: int = 180
         # Bins carry their confidence edges (empty bins are left out); else equal widths.
         lower = entry.get("lower", i / len(bins))
         upper = entry.get("upper", (i + 1) / len(bins))
-        height = accuracy * size
+        bar = accuracy * size
         parts.append(
-            f'<rect x="{lower * size + 1:.1f}" y="{size - height:.1f}" '
+            f'<rect x="{left + lower * size + 1:.1f}" y="{bottom - bar:.1f}" '
             f'width="{max((upper - lower) * size - 2, 1):.1f}" '
-            f'height="{height:.1f}" fill="#6b8cce" opacity="0.8"/>'
+            f'height="{bar:.1f}" fill="#6b8cce" opacity="0.8"/>'
         )
-    parts.append("</svg>")
+    parts.append(f'<path d="M{left},{top}V{bottom}H{left + size}" fill="none" stroke="#556"/>')
+    for tick in (0.0, 0.5, 1.0):
+        x, y = left + tick * size, bottom - tick * size
+        parts.append(
+            f'<path d="M{x:.1f},{bottom}v4M{left},{y:.1f}h-4" stroke="#556"/>'
+            + _axis_label(x, bottom + 13, f"{tick:g}")
+            + _axis_label(left - 6, y + 3, f"{tick:g}", "end")
+        )
+    parts.append(
+        _axis_label(left + size / 2, bottom + 27, "confidence (predicted class)")
+        + f'<text x="10" y="{top + size / 2:.1f}" font-size="9" fill="#66708a" '
+        f'text-anchor="middle" transform="rotate(-90 10 {top + size / 2:.1f})">accuracy</text>'
+        "</svg>"
+    )
     return "".join(parts)
 
 
@@ -218,13 +282,15 @@ def _dashboard(rows: Sequence[Mapping[str, Any]]) -> str:
             f"<td>{_escape(row.get('key', ''))}</td><td>{value}</td>"
             f"<td>{_number(row.get('threshold'))}</td><td>{_number(row.get('change'))}</td>"
             f"<td>{_number(row.get('rank'))}</td>"
-            f"<td>{_line_chart(row.get('trend', []), row.get('band'))}</td></tr>"
+            f"<td>{_line_chart(row.get('trend', []), row.get('band'), rounds=row.get('rounds'))}"
+            "</td></tr>"
         )
     head = "".join(f"<th>{h}</th>" for h in header)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(cells)}</tbody></table>"
 
 
 def _gallery(cases: Sequence[Mapping[str, Any]]) -> str:
+    """One row per case: input, overlay, evidence bars, and its top supports in a column."""
     blocks = []
     for case in cases:
         bars = [(b["label"], float(b["value"])) for b in case.get("evidence", [])]
@@ -242,7 +308,7 @@ def _gallery(cases: Sequence[Mapping[str, Any]]) -> str:
             f"<figure>{_image(case.get('overlay_png'), 'contribution overlay')}"
             "<figcaption>signed contributions</figcaption></figure>"
             f"<div><b>{_escape(case.get('title', ''))}</b><br>{_bar_chart(bars)}</div>"
-            f'<div class="thumbs">{supports}</div></div>'
+            f'<div class="supports"><span class="muted">top supports</span>{supports}</div></div>'
         )
     return "".join(blocks) or '<p class="muted">no cases</p>'
 
@@ -253,7 +319,7 @@ def _support_gallery(supports: Sequence[Mapping[str, Any]]) -> str:
         f"<figcaption>{_escape(s.get('label', ''))}</figcaption></figure>"
         for s in supports
     )
-    return f'<div class="case thumbs">{figures}</div>' if figures else ""
+    return f'<div class="thumbs">{figures}</div>' if figures else ""
 
 
 _HOW_TO_READ = (
@@ -329,11 +395,28 @@ def render_report_html(report: Mapping[str, Any]) -> str:
     )
 
 
+def _breakable(name: str) -> str:
+    """A metric key as a table header that may wrap after ``/`` and ``_`` (narrow columns)."""
+    return _escape(name).replace("/", "/<wbr>").replace("_", "_<wbr>")
+
+
+def _summary_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A table of pre-rendered cells that scrolls inside the page instead of overflowing it."""
+    head = "".join(f"<th>{_breakable(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return (
+        f'<div class="scroll"><table class="summary"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
+
+
 def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
     """The federation summary (``server.reports.federation_summary``) as one HTML page.
 
-    One table per round (a row per site: performance, explanation quality, outlier flags),
-    then one trend line per metric and site over the rounds.
+    One table per round (a row per site: outlier flags first, then performance and
+    explanation quality), then one trend line per metric and site over the rounds. The page
+    uses the window's full width; a table wider still scrolls inside it, so no column is cut
+    off.
     """
     columns = list(summary.get("columns", []))
     rows = list(summary.get("rows", []))
@@ -351,27 +434,36 @@ def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
         in_round = [row for row in rows if row.get("round") == server_round]
         parts.append(f"<h3>Round {_escape(server_round)}</h3>")
         parts.append(
-            _table(
-                ["site", *columns, "flags"],
+            _summary_table(
+                ["site", "flags", *columns],
                 [
-                    [row["site"], *(row.get(c) for c in columns), ", ".join(row.get("flags", []))]
+                    [
+                        _escape(row["site"]),
+                        f'<span class="flag">{_escape(", ".join(row.get("flags", [])))}</span>'
+                        if row.get("flags")
+                        else '<span class="muted">none</span>',
+                        *(_number(row.get(c)) for c in columns),
+                    ]
                     for row in in_round
                 ],
             )
         )
     sites = sorted({row["site"] for row in rows})
-    body = ""
+    trends = []
     for column in columns:
-        charts = "".join(
-            f"<td>{_line_chart([row.get(column) for row in rows if row['site'] == site])}</td>"
-            for site in sites
-        )
-        body += f"<tr><td>{_escape(column)}</td>{charts}</tr>"
-    head = "".join(f"<th>{_escape(h)}</th>" for h in ["metric", *sites])
-    parts.append(f"<h3>Trends over rounds</h3><table><tr>{head}</tr>{body}</table>")
+        charts = []
+        for site in sites:
+            mine = [row for row in rows if row["site"] == site]
+            charts.append(
+                _line_chart(
+                    [row.get(column) for row in mine], rounds=[r["round"] for r in mine], width=180
+                )
+            )
+        trends.append([_breakable(column), *charts])
+    parts.append("<h3>Trends over rounds</h3>" + _summary_table(["metric", *sites], trends))
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_escape(title)}</title><style>{_CSS}</style></head><body>"
+        f'<title>{_escape(title)}</title><style>{_CSS}</style></head><body class="wide">'
         f"<h1>{_escape(title)}</h1>{''.join(parts)}</body></html>"
     )
 

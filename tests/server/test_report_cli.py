@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from server.checkpoint import RunFiles
 from server.cli import app
 from server.federation import ExplanationRecord
+from server.reports import SERVER_FLAGS_FINDING
 from server.strategy import PhaseReport, SiteOutcome
-from server.tracking import MlflowTracker
+from server.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MlflowTracker, runs_table_url
 from sic_core.wire import EvalMetric, XaiMetric
 
 SITES = ("site_a", "site_b", "site_c")
@@ -81,6 +82,9 @@ def test_reports_are_rebuilt_from_mlflow_alone(tracked_run: tuple[RunFiles, str]
             assert (folder / "report.html").exists()
     site_b = json.loads((files.reports_dir / "round_002" / "site_b" / "report.json").read_text())
     assert site_b["flags"]["flag/artifact_mass_lift"] == 1
+    # MLflow holds the report with the server's flags line already in it: still one line.
+    flag_lines = [f for f in site_b["findings"] if f.startswith(SERVER_FLAGS_FINDING)]
+    assert flag_lines == [f"{SERVER_FLAGS_FINDING}artifact_mass_lift."]
     assert site_b["xai"][0]["rank"] == 1
     summary = json.loads((files.reports_dir / "federation_summary.json").read_text())
     assert summary["rounds"] == [1, 2]
@@ -97,3 +101,25 @@ def test_report_of_a_folder_without_runs_names_what_it_expected(tmp_path: Path) 
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2
     assert "status.json" in result.output
+
+
+def test_the_experiment_is_tagged_as_model_training(
+    tracked_run: tuple[RunFiles, str], tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    _, uri = tracked_run
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sicfed/cli")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    # An experiment made before (or by hand, untagged) is tagged when a run starts in it.
+    untagged = client.create_experiment("sicfed/older")
+    MlflowTracker(uri, "older", run_name="fed-12", params={}).start()
+    assert client.get_experiment(untagged).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_the_runs_table_link_opens_the_model_training_view() -> None:
+    assert runs_table_url("http://127.0.0.1:5000/", "7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+    assert runs_table_url("sqlite:///mlflow.db", "7") is None

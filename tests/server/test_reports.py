@@ -10,6 +10,8 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from server.reports import (
+    SERVER_FLAGS_FINDING,
+    SUMMARY_KEYS,
     federation_summary,
     outlier_flags,
     threshold_params,
@@ -142,6 +144,15 @@ def test_site_context_ranks_among_sites_and_bands_by_the_others() -> None:
     assert enriched["flags"] == flags
     assert "artifact_mass_lift" in enriched["findings"][-1]
     assert report["findings"] == ["x"]  # the site's own report is not changed
+    # Applied again (``server report`` reads enriched reports back from MLflow): one line.
+    again = with_site_context(enriched, "a", values, flags)
+    assert (
+        again["findings"]
+        == enriched["findings"]
+        == ["x", f"{SERVER_FLAGS_FINDING}artifact_mass_lift."]
+    )
+    cleared = with_site_context(enriched, "a", values, {"flag/artifact_mass_lift": 0})
+    assert cleared["findings"] == ["x"]
 
 
 def test_reports_and_summary_are_written_as_strict_json_and_html(tmp_path: Path) -> None:
@@ -172,3 +183,45 @@ def test_json_safe_replaces_non_finite_numbers_everywhere() -> None:
         "a": [None, 1.0, [None, 2]],
         "b": {"c": None},
     }
+
+
+def _wide_summary(sites: int = 6, rounds: int = 3) -> dict:
+    """A summary with every column filled and long flag lists (the widest realistic page)."""
+    values = {
+        r: {
+            f"site_{chr(97 + i)}": {key: 0.123456 * (i + 1) * r for key in SUMMARY_KEYS}
+            for i in range(sites)
+        }
+        for r in range(1, rounds + 1)
+    }
+    every_flag = {"flag/drift_outlier": 1, "flag/completeness": 1, "flag/artifact_mass_lift": 1}
+    flags = {r: {site: every_flag for site in values[r]} for r in values}
+    return federation_summary("fed-wide", values, flags)
+
+
+def test_summary_tables_put_the_flags_first_and_scroll_inside_the_page(tmp_path: Path) -> None:
+    html = write_federation_summary(tmp_path, _wide_summary())[1].read_text()
+    header = html[html.index("<h3>Round 1</h3>") :].split("</tr>", 1)[0]
+    assert header.index(">site<") < header.index(">flags<") < header.index("perf/")
+    assert html.count('<div class="scroll">') == 3 + 1  # one per round and the trends
+
+
+def test_federation_summary_fits_1400_px_in_chromium(tmp_path: Path, chromium) -> None:
+    page = write_federation_summary(tmp_path, _wide_summary())[1]
+    layout = chromium.measure(
+        page,
+        "{page: document.documentElement.scrollWidth, window: window.innerWidth,"
+        " flags: [...document.querySelectorAll('table.summary')].slice(0, -1)"
+        ".flatMap(t => [...t.querySelectorAll('tbody td:nth-child(2)')]).map(td => { const box = td.getBoundingClientRect();"
+        " const frame = td.closest('.scroll').getBoundingClientRect();"
+        " return [box.left, box.right, frame.left, frame.right]; }),"
+        " rounds: [...document.querySelectorAll('table.summary')].slice(0, -1)"
+        ".map(t => [t.scrollWidth, t.closest('.scroll').clientWidth])}",
+        width=1400,
+    )
+    assert layout["page"] <= layout["window"] == 1400, layout
+    assert len(layout["flags"]) == 6 * 3
+    for left, right, frame_left, frame_right in layout["flags"]:
+        assert frame_left <= left < right <= frame_right, layout["flags"]
+    for table_width, frame_width in layout["rounds"]:
+        assert table_width <= frame_width, layout["rounds"]  # every column shows, no scrolling

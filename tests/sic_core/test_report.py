@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sic_core.report import PIXEL_SECTIONS, REPORT_SECTIONS, redact, render_report_html
 
 PNG = "data:image/png;base64,iVBORw0KGgo="
@@ -59,3 +61,35 @@ def test_non_png_image_sources_are_refused() -> None:
     report = _report()
     report["gallery"][0]["input_png"] = "https://example.org/leak.png"
     assert "example.org" not in render_report_html(report)
+
+
+def _svg_texts(page: str, label: str) -> list[list[str]]:
+    """The text elements of every SVG whose aria-label is ``label``, in order."""
+    charts = re.findall(rf'<svg[^>]*aria-label="{label}".*?</svg>', page)
+    return [re.findall(r"<text[^>]*>([^<]*)</text>", chart) for chart in charts]
+
+
+def test_trend_lines_label_their_value_range_and_rounds() -> None:
+    report = _report()
+    report["xai"][0]["rounds"] = [4, 6, 7]
+    texts = _svg_texts(render_report_html(report), "trend over rounds")
+    # rma_lift: values 1.0-4.2 with the others' band 1-2; its x axis runs round 4 to 7.
+    assert texts[0] == ["round 4", "4.2", "1", "round 7"]
+
+
+def test_a_flat_trend_shows_its_one_value() -> None:
+    report = _report()
+    report["xai"][0].update(trend=[0.5, 0.5], band=None, rounds=None)
+    assert _svg_texts(render_report_html(report), "trend over rounds")[0] == [
+        "eval 1",
+        "0.5",
+        "eval 2",
+    ]
+
+
+def test_reliability_diagram_has_ticked_axes() -> None:
+    report = _report()
+    report["performance"]["reliability"] = [{"lower": 0.5, "upper": 0.6, "accuracy": 0.55}]
+    (texts,) = _svg_texts(render_report_html(report), "reliability diagram")
+    assert texts[:6] == ["0", "0", "0.5", "0.5", "1", "1"]
+    assert "confidence (predicted class)" in texts and "accuracy" in texts
