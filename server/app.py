@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from server.audit import AuditEvent, AuditLog, actor_here, file_sha256, json_sha256
 from server.checkpoint import RunFiles
 from server.federation import run_federation
 from server.settings import RunSettings
@@ -137,6 +140,12 @@ def main(grid: Grid, context: Context) -> None:
     strategy.summary()
     train_config, evaluate_config = round_configs(settings)
     files = RunFiles(settings.resolved_run_dir(), context.run_id)
+    audit = AuditLog(files.audit_path, context.run_id)
+    audit.append(
+        AuditEvent.RUN_STARTED,
+        actor=actor_here("serverapp"),
+        details=_start_details(settings, grid),
+    )
     tracker = None
     if settings.tracking_uri:
         tracker = MlflowTracker(
@@ -168,13 +177,38 @@ def main(grid: Grid, context: Context) -> None:
         reason = error.reason if isinstance(error, SicfedError) else "server_error"
         log.exception("federation run %s failed (%s)", context.run_id, reason)
         files.write_status("failed", reason=reason)
+        audit.append(
+            AuditEvent.RUN_FAILED, actor=actor_here("serverapp"), details={"reason": reason}
+        )
         if tracker is not None:
             tracker.finish("failed")
         raise
     files.write_status("completed", rounds=settings.rounds)
+    audit.append(
+        AuditEvent.RUN_COMPLETED,
+        actor=actor_here("serverapp"),
+        details={"rounds": settings.rounds},
+    )
     if tracker is not None:
         _register_final_model(settings, tracker, files)
         tracker.finish("completed")
+
+
+def _start_details(settings: RunSettings, grid: Grid) -> dict[str, Any]:
+    """The ``run_started`` audit details: what ran (app hash) and how (config hash)."""
+    weights = settings.initial_weights
+    weights_path = Path(weights).expanduser().resolve() if weights else None
+    return {
+        "config_hash": json_sha256(settings.model_dump(by_alias=True)),
+        # Flower's hash of the app bundle it runs (what `flwr list` shows, shortened).
+        "app_hash": grid.run.fab_hash,
+        "strategy": settings.strategy,
+        "rounds": settings.rounds,
+        "initial_weights": str(weights_path or ""),
+        "initial_weights_sha256": (
+            file_sha256(weights_path) if weights_path and weights_path.is_file() else ""
+        ),
+    }
 
 
 def _register_final_model(settings: RunSettings, tracker: MlflowTracker, files: RunFiles) -> None:

@@ -29,6 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from server.audit import AuditEvent, AuditLog, actor_here, arrays_sha256, file_sha256
 from server.checkpoint import RunFiles, capture_rng_state
 from server.messaging import exchange
 from server.reports import (
@@ -42,7 +43,7 @@ from server.strategy import Phase, PhaseReport, SicStrategy
 from server.tracking import MlflowTracker, site_metric_name
 from sic_core.errors import SicfedError
 from sic_core.report import json_safe
-from sic_core.wire import EvalMetric
+from sic_core.wire import EvalMetric, TrainMetric
 
 __all__ = ["FederationError", "FederationResult", "RoundSummary", "run_federation"]
 
@@ -105,6 +106,7 @@ def _round_summary(
         if report is not None:
             summary[f"fed/{phase}_sites_ok"] = float(len(report.ok))
             summary[f"fed/{phase}_sites_failed"] = float(len(report.problems))
+    summary["fed/train_sites_clipped"] = float(len(strategy.clipped))
     if train_metrics is not None and "train.loss" in train_metrics:
         summary["train/loss"] = float(train_metrics["train.loss"])
     if eval_metrics is not None:
@@ -158,6 +160,33 @@ class ExplanationRecord:
             for site, folder in folders.items():
                 tracker.log_site_report(site, server_round, folder)
             tracker.log_federation_summary(summary)
+
+
+def _round_audit(
+    strategy: SicStrategy, server_round: int, arrays: ArrayRecord, files: RunFiles
+) -> dict[str, Any]:
+    """The ``round_completed`` audit details (README, "Audit log")."""
+    reports = [strategy.reports[p] for p in (Phase.TRAIN, Phase.SUPPORT, Phase.EVALUATE)]
+    checkpoint = files.checkpoint_path(server_round)
+    return {
+        "round": server_round,
+        "participants": {r.phase: [o.site for o in r.ok] for r in reports},
+        "rejected": [
+            {"phase": r.phase, "site": o.site, "status": o.status, "reason": o.reason}
+            for r in reports
+            for o in r.problems
+        ],
+        "clipped": [
+            {"site": site, "norm": norm, "bound": bound}
+            for site, (norm, bound) in sorted(strategy.clipped.items())
+        ],
+        "dp_epsilon": {
+            o.site: o.metrics[str(TrainMetric.DP_EPSILON)] for o in strategy.reports[Phase.TRAIN].ok
+        },
+        "model_hash": arrays_sha256(arrays),
+        "checkpoint": checkpoint.name,
+        "checkpoint_sha256": file_sha256(checkpoint),
+    }
 
 
 def run_federation(
@@ -277,6 +306,11 @@ def run_federation(
                 },
             )
             files.append_round(summary.to_json())
+            AuditLog(files.audit_path, files.run_id).append(
+                AuditEvent.ROUND_COMPLETED,
+                actor=actor_here("serverapp"),
+                details=_round_audit(strategy, server_round, arrays, files),
+            )
         log.info(
             "round %d done in %.1f s: mean site AUROC %s",
             server_round,

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from server.audit import AuditEvent, AuditLog, actor_here
+from server.checkpoint import RunFiles
 from server.commands.start import DEFAULT_HOME
 from server.coordinator import Coordinator, follow_run, round_table, submit
 from server.flower_cli import stop_run
@@ -69,9 +71,11 @@ def run(
         console.print(f"[red]error:[/] {error}")
         raise typer.Exit(1) from None
     console.print(f"submitted run {run_id}")
+    run_dir = Path(str(overrides.get("run-dir", coordinator.home)))
+    audit = AuditLog(RunFiles(run_dir, run_id).audit_path, run_id)
+    audit.append(AuditEvent.RUN_SUBMITTED, actor=actor_here(), details={"overrides": overrides})
     if not follow:
         return
-    run_dir = Path(str(overrides.get("run-dir", coordinator.home)))
 
     def show(entry: dict[str, Any]) -> None:
         console.print(round_table([entry], title=f"run {run_id}, round {entry['round']}"))
@@ -81,6 +85,9 @@ def run(
     except (KeyboardInterrupt, SicfedError) as error:
         console.print(f"stopping run {run_id} ({type(error).__name__})")
         stop_run(run_id, coordinator.flwr_home)
+        audit.append(
+            AuditEvent.RUN_STOPPED, actor=actor_here(), details={"reason": type(error).__name__}
+        )
         raise typer.Exit(1) from None
     console.print(round_table(outcome.rounds, title=f"run {run_id}: {outcome.status}"))
     if outcome.status != "completed":

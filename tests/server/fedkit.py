@@ -16,10 +16,14 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 #: Node id of the fake SuperLink (as Flower uses for error replies).
 SERVER_NODE = SUPERLINK_NODE_ID
+
+#: The app bundle hash the fake SuperLink reports.
+FAB_HASH = "f" * 64
 
 
 def _images(rng: np.random.Generator, label: int, count: int, size: int) -> np.ndarray:
@@ -145,8 +149,11 @@ class FakeGrid(Grid):
         raise NotImplementedError
 
     @property
-    def run(self):
-        raise NotImplementedError
+    def run(self) -> Run:
+        """The run as the SuperLink describes it; the app bundle's hash is :data:`FAB_HASH`."""
+        run = Run.create_empty(self.run_id)
+        run.fab_hash = FAB_HASH
+        return run
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
@@ -24,11 +26,22 @@ from client.app import app as client_app
 from client.config import load_site_config
 from client.data import load_site_data
 from client.synth import generate_synthcxr
-from server.app import main
-from server.checkpoint import RunFiles, load_checkpoint, read_rounds, read_status
-from sic_core import create_model
+from server.app import initial_weights, main
+from server.audit import arrays_sha256, file_sha256, json_sha256, verify_audit_log
+from server.checkpoint import (
+    ROUND_CHECKPOINT_FORMAT,
+    RunFiles,
+    capture_rng_state,
+    load_checkpoint,
+    read_rounds,
+    read_status,
+    restore_rng_state,
+)
+from server.registry import model_from_round_checkpoint
+from server.settings import RunSettings
+from sic_core import create_model, unit_filter_state_dict
 from sic_core.wire import SUPPORT_BUFFER_KEYS, ArrayKey, RecordKey, ReportKey, parse_error
-from tests.server.fedkit import FakeGrid, server_identity
+from tests.server.fedkit import FAB_HASH, FakeGrid, server_identity
 
 SIZE = 32
 RUN_ID = 7
@@ -272,3 +285,60 @@ def test_every_reply_is_finite(federation: Federation) -> None:
             continue
         for record in reply.content.array_records.values():
             assert all(np.isfinite(array.numpy()).all() for array in record.values())
+
+
+def test_round_checkpoints_load_with_weights_only_and_restore_the_rngs(
+    federation: Federation,
+) -> None:
+    path = federation.files.checkpoint_path(ROUNDS)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["format"] == ROUND_CHECKPOINT_FORMAT and state["round"] == ROUNDS
+    draws = []
+    for _ in range(2):
+        restore_rng_state(state["rng"])
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+    assert draws[0] == draws[1]
+    restore_rng_state(state["rng"])
+    again = capture_rng_state()
+    assert again["python"] == state["rng"]["python"]
+    assert torch.equal(again["numpy"][1], state["rng"]["numpy"][1])
+
+
+def test_a_round_checkpoint_is_accepted_as_initial_weights(federation: Federation) -> None:
+    path = federation.files.checkpoint_path(ROUNDS)
+    settings = RunSettings.from_run_config({"image-size": SIZE, "initial-weights": str(path)})
+    arrays, _ = initial_weights(settings)
+    expected = unit_filter_state_dict(model_from_round_checkpoint(load_checkpoint(path)))
+    assert set(arrays.keys()) == set(expected) - SUPPORT_BUFFER_KEYS
+    for key in arrays:
+        np.testing.assert_allclose(arrays[key].numpy(), expected[key].numpy(), rtol=1e-6)
+
+
+def test_the_audit_log_records_the_run_and_verifies(federation: Federation) -> None:
+    path = federation.files.audit_path
+    assert verify_audit_log(path).ok
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["event"] for e in entries] == [
+        "run_started",
+        *["round_completed"] * ROUNDS,
+        "run_completed",
+    ]
+    started = entries[0]["details"]
+    assert started["app_hash"] == FAB_HASH
+    run_config = load_checkpoint(federation.files.checkpoint_path(1))["run_config"]
+    settings = RunSettings.from_run_config(run_config)
+    assert started["config_hash"] == json_sha256(settings.model_dump(by_alias=True))
+    for server_round, entry in enumerate(entries[1:-1], start=1):
+        details = entry["details"]
+        assert details["round"] == server_round
+        for phase in ("train", "support", "evaluate"):
+            assert details["participants"][phase] == sorted([*REAL_SITES, "site_nonodule"])
+        assert {(r["phase"], r["site"], r["reason"]) for r in details["rejected"]} == {
+            (phase, "site_bad", "config_error") for phase in ("train", "support", "evaluate")
+        }
+        assert set(details["dp_epsilon"]) == {*REAL_SITES, "site_nonodule"}
+        checkpoint = federation.files.checkpoint_path(server_round)
+        assert details["checkpoint_sha256"] == file_sha256(checkpoint)
+        assert details["model_hash"] == arrays_sha256(
+            ArrayRecord(load_checkpoint(checkpoint)["arrays"])
+        )
