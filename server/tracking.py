@@ -84,13 +84,14 @@ def experiment_name(study: str) -> str:
     return f"sicfed/{study}"
 
 
-#: The experiment tag MLflow 3 reads as the experiment's kind; a classic-ML kind makes the UI
-#: show the experiment as model training (runs table, charts) instead of a GenAI app
-#: (traces, token usage).
+#: MLflow 3's record of an experiment's kind (what its UI's kind selector writes): classic
+#: model training, so the experiment is listed with its runs, not as a GenAI app (traces,
+#: token usage).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-#: The UI's query parameter for its "GenAI / Model training" switch. MLflow 3.17's UI takes
-#: the kind from this switch (default GenAI) rather than from the tag, so links carry it.
+#: The UI's "GenAI / Model training" switch as a query parameter. MLflow 3.17's UI picks the
+#: experiment's first page from this switch (default GenAI: the overview of traces) and no
+#: longer from the tag, so the links sicfed prints carry it.
 _WORKFLOW_QUERY = "workflowType=machine_learning"
 
 
@@ -137,8 +138,8 @@ class MlflowTracker:
     def start(self) -> str:
         """Create (or find) the experiment and open the parent run; return its id.
 
-        The experiment is tagged as classic model development (:data:`EXPERIMENT_KIND_TAG`),
-        so MLflow's UI lists it with its runs rather than as a GenAI app.
+        The experiment is tagged as classic model development (:data:`EXPERIMENT_KIND_TAG`);
+        the runs table's address (:func:`runs_table_url`) is logged.
         """
         name = experiment_name(self.study)
         experiment = self.client.get_experiment_by_name(name)
