@@ -12,7 +12,7 @@ version of ``sicfed-<study>`` and points an alias (``candidate`` by default) at 
 
 The registered model carries everything needed to load it except its pip dependencies: a
 slim model checkpoint (weights, support set, model config; loadable with
-``torch.load(weights_only=True)``, unlike the round checkpoint, which pickles RNG and strategy
+``torch.load(weights_only=True)``, like the round checkpoint, without its RNG and strategy
 state) and, as ``code_paths``, a copy of :mod:`sic_core` and of this module.
 """
 
@@ -37,7 +37,7 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 import sic_core
 from sic_core.checkpoint import load_checkpoint as load_model_checkpoint
 from sic_core.checkpoint import save_checkpoint as save_model_checkpoint
-from sic_core.errors import SicfedError
+from sic_core.errors import ConfigError, SicfedError
 from sic_core.head import class_scores
 from sic_core.model import ModelConfig, SICModel
 from sic_core.wire import SUPPORT_BUFFER_KEYS
@@ -328,7 +328,7 @@ def register_global_model(
     checkpoint_path = Path(checkpoint_path)
     try:
         state = load_round_checkpoint(checkpoint_path)
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
+    except ConfigError as error:
         raise ModelRegistryError(
             f"cannot read round checkpoint {checkpoint_path}: {error}"
         ) from error
