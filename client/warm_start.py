@@ -148,7 +148,7 @@ def public_warm_start(
             epochs=epochs,
             lr=lr,
             warmup_epochs=0.0,
-            anchor_epochs=epochs,
+            switch_auroc=None,
             batch_size=batch_size,
             seed=seed,
         ),

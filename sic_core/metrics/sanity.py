@@ -410,9 +410,7 @@ def data_randomisation(
     shuffled = _fresh_model(model.config, seed).to(_device(model))
     if initial_state is not None:
         shuffled.load_state_dict(initial_state)
-    config = TrainConfig(
-        epochs=epochs, anchor_epochs=min(2, epochs), warmup_epochs=min(0.5, epochs), seed=seed
-    )
+    config = TrainConfig(epochs=epochs, warmup_epochs=min(0.5, epochs), seed=seed)
     train_sic(shuffled, train_images, shuffled_labels, config)
     fit = float((_predict(shuffled, train_images) == shuffled_labels).float().mean())
 

@@ -85,7 +85,7 @@ def test_sanity_suite_on_an_evaluated_site_model(
         model,
         train.images,
         train.labels,
-        TrainConfig(epochs=3, anchor_epochs=2, warmup_epochs=0.5),
+        TrainConfig(epochs=3, warmup_epochs=0.5),
         finalize_support=False,
     )
     support = select_support(embed_all(model, train.images), train.labels, 2, model.n_shot)

@@ -15,7 +15,7 @@ def test_small_encoder_learns_disc_lesions_and_points_at_them(disc_images) -> No
     images, labels, _ = disc_images(400, 48, seed=0)
     test_images, test_labels, test_masks = disc_images(200, 48, seed=1)
     model = create_model("bcos_cnn_small", in_channels=1, num_classes=2)
-    train_sic(model, images, labels, TrainConfig(epochs=6, anchor_epochs=2, warmup_epochs=0.5))
+    train_sic(model, images, labels, TrainConfig(epochs=6, warmup_epochs=0.5))
 
     result = explain(model, test_images, target=torch.ones_like(test_labels))
     assert auroc(result.logits, test_labels) >= 0.9

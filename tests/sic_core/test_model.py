@@ -72,7 +72,7 @@ def test_training_step_changes_weights_and_sets_real_supports() -> None:
     images = torch.rand(12, 1, 16, 16)
     labels = torch.arange(12) % 2
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    history = train_sic(model, images, labels, TrainConfig(epochs=3, anchor_epochs=1, batch_size=4))
+    history = train_sic(model, images, labels, TrainConfig(epochs=3, batch_size=4))
     assert len(history.epochs) == 3 and history.num_examples == 12
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     embeddings = model.embed(images).detach()

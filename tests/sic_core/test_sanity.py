@@ -29,7 +29,7 @@ def trained() -> tuple[SICModel, torch.Tensor, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     images, labels, _ = make_disc_images(240, SIZE, seed=0)
     model = create_model("bcos_cnn_small", 1, 2, width=8)
-    config = TrainConfig(epochs=5, anchor_epochs=2, warmup_epochs=0.5)
+    config = TrainConfig(epochs=5, warmup_epochs=0.5)
     train_sic(model, images, labels, config, finalize_support=False)
     support = select_support(embed_all(model, images), labels, 2, model.n_shot)
     model.set_support(support.vectors, support.labels)
