@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from client.commands import check, join, pretrain, privacy, sanity, synth
+from client.commands import approve, check, join, keygen, pretrain, privacy, sanity, synth
 
 __all__ = ["app"]
 
@@ -44,6 +44,8 @@ def _main(
 app.command("synth")(synth.synth)
 app.command("check")(check.check)
 app.command("join")(join.join)
+app.command("keygen")(keygen.keygen)
+app.command("approve")(approve.approve)
 app.command("privacy")(privacy.privacy)
 app.command("pretrain")(pretrain.pretrain)
 app.command("sanity")(sanity.sanity)

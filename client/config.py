@@ -30,11 +30,13 @@ from pydantic import (
     model_validator,
 )
 
+from client.app_approval import APP_HASH_PATTERN
 from sic_core.errors import ConfigError
 
 __all__ = [
     "DataConfig",
     "DataFormat",
+    "FederationConfig",
     "PreprocessingConfig",
     "PrivacyConfig",
     "ReportingConfig",
@@ -266,6 +268,23 @@ class ReportingConfig(_Section):
     audit_set_size: int = Field(64, ge=1)
 
 
+class FederationConfig(_Section):
+    """What the site accepts from the federation's coordinator."""
+
+    approved_apps: list[str] = Field(
+        default_factory=list,
+        description="hashes of the app bundles this site runs (`python -m server app-hash`)",
+    )
+
+    @field_validator("approved_apps")
+    @classmethod
+    def _app_hashes(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if APP_HASH_PATTERN.fullmatch(item) is None:
+                raise ValueError(f"{item!r} is not an app hash (sha256: and 64 hex digits)")
+        return value
+
+
 class SiteConfig(_Section):
     """One hospital's configuration, as loaded from its ``site.yaml``."""
 
@@ -280,6 +299,7 @@ class SiteConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     reporting: ReportingConfig = ReportingConfig()
+    federation: FederationConfig = FederationConfig()
 
 
 def load_site_config(path: str | Path) -> SiteConfig:

@@ -8,7 +8,10 @@ Run the whole synthetic federation on this machine::
 
 Operate a deployment::
 
-    python -m server start --home /srv/sicfed
+    python -m server certs --home /srv/sicfed --san coordinator.example
+    python -m server start --home /srv/sicfed --host 0.0.0.0
+    python -m server register-site --home /srv/sicfed --name site_a --public-key a.pub
+    python -m server app-hash
     python -m server run --home /srv/sicfed --set rounds=10 --set strategy=fedprox
     python -m server status --home /srv/sicfed
     python -m server stop --home /srv/sicfed
@@ -27,7 +30,10 @@ from __future__ import annotations
 import typer
 
 from server.commands.audit import audit_app
+from server.commands.app_hash import app_hash
+from server.commands.certs import certs
 from server.commands.demo import demo
+from server.commands.register_site import register_site
 from server.commands.report import report
 from server.commands.run import run
 from server.commands.start import start
@@ -40,7 +46,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.command("certs")(certs)
 app.command("start")(start)
+app.command("register-site")(register_site)
+app.command("app-hash")(app_hash)
 app.command("run")(run)
 app.command("status")(status)
 app.command("stop")(stop)

@@ -2,7 +2,9 @@
 
 A coordinator home folder holds everything of one federation deployment::
 
-    HOME/coordinator.json     addresses of the SuperLink and the MLflow server
+    HOME/coordinator.json     addresses of the SuperLink (site-facing) and the MLflow server
+    HOME/tls/                 CA and server certificate (`python -m server certs`)
+    HOME/sites.json           registered sites: name, key fingerprint, time, node id
     HOME/pids.json            processes started by `start` (read by `stop` and `status`)
     HOME/flwr/                private FLWR_HOME (config.toml with the `sicfed` connection)
     HOME/superlink/state.db   the SuperLink's state database
@@ -38,6 +40,7 @@ from server.processes import (
     write_connection,
 )
 from server.staging import stage_app
+from server.tls import TlsFiles
 from sic_core.errors import SicfedError
 
 __all__ = [
@@ -86,6 +89,8 @@ class Coordinator:
         self.logs = self.home / "logs"
         self.pid_file = self.home / "pids.json"
         self.address_file = self.home / "coordinator.json"
+        self.tls = TlsFiles(self.home / "tls")
+        self.roster_file = self.home / "sites.json"
 
     def save_addresses(self, addresses: CoordinatorAddresses) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -140,39 +145,64 @@ def start_superlink(
     *,
     port: int,
     host: str = "127.0.0.1",
-    tls: tuple[Path, Path, Path] | None = None,
+    control_port: int | None = None,
+    tls: TlsFiles | None = None,
+    site_auth: bool = False,
     timeout: float = 60.0,
     task_poll_interval: float | None = TASK_POLL_INTERVAL,
 ) -> tuple[str, ManagedProcess]:
-    """Start ``flower-superlink`` with its state database; wait for ``/health``.
+    """Start the SuperLink (state database, two listeners); wait for ``/health``.
 
-    Returns the Fleet API address (``host:port``) and the process. Without ``tls``
-    (CA certificate, certificate, key) it runs ``--insecure``. ``task_poll_interval`` is
-    how often its SuperExec looks for a ServerApp to launch (``None``: Flower's 1 s).
+    Sites reach only the Fleet API on ``host:port``; the Control and Runtime APIs listen on
+    ``127.0.0.1:control_port`` (a free port if ``None``), which the coordinator's ``flwr``
+    connection (``HOME/flwr/config.toml``) uses. See :mod:`server.superlink_listeners`.
+
+    Parameters
+    ----------
+    tls
+        The coordinator's certificates; ``None`` runs without TLS (loopback tests only).
+    site_auth
+        Admit only SuperNodes whose key was registered (needs ``tls``).
+    task_poll_interval
+        How often the SuperExec looks for a ServerApp to launch (``None``: Flower's 1 s).
+
+    Returns
+    -------
+    tuple
+        The site-facing Fleet API address (``host:port``) and the process.
     """
+    if site_auth and tls is None:
+        raise ProcessStartError("site authentication needs TLS (Flower signs over TLS only)")
     coordinator.superlink_db.parent.mkdir(parents=True, exist_ok=True)
+    control_port = free_port(port + 1) if control_port is None else control_port
     argv = [
-        str(venv_bin() / "flower-superlink"),
+        sys.executable,
+        "-I",  # no module of this checkout may shadow what Flower imports
+        str(Path(__file__).resolve().parent / "superlink_listeners.py"),
+        "--site-address",
+        f"{host}:{port}",
+        "--",
         "--database",
         str(coordinator.superlink_db),
         "--host",
-        host,
+        "127.0.0.1",
         "--port",
-        str(port),
+        str(control_port),
         "--disable-runtime-dependency-installation",
     ]
     if tls is None:
         argv.append("--insecure")
     else:
-        ca, cert, key = tls
         argv += [
             "--ssl-ca-certfile",
-            str(ca),
+            str(tls.ca_cert),
             "--ssl-certfile",
-            str(cert),
+            str(tls.server_cert),
             "--ssl-keyfile",
-            str(key),
+            str(tls.server_key),
         ]
+    if site_auth:
+        argv.append("--enable-supernode-auth")
     env = flower_env(coordinator.flwr_home, task_poll_interval=task_poll_interval)
     process = group.start(
         "superlink",
@@ -181,12 +211,15 @@ def start_superlink(
         env=env,
         cwd=coordinator.home,
     )
-    address = f"{host}:{port}"
-    write_connection(coordinator.flwr_home, address, root_certificates=tls[0] if tls else None)
+    control = f"127.0.0.1:{control_port}"
+    ca = tls.ca_cert if tls else None
+    write_connection(coordinator.flwr_home, control, root_certificates=ca)
     scheme = "https" if tls else "http"
-    if tls is None:
-        wait_http_ok(f"{scheme}://{address}/health", timeout=timeout, process=process)
-    return address, process
+    wait_http_ok(f"{scheme}://{control}/health", timeout=timeout, process=process, ca=ca)
+    # A wildcard bind is reached on loopback too; a named address only as itself.
+    site_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    wait_http_ok(f"{scheme}://{site_host}:{port}/health", timeout=timeout, process=process, ca=ca)
+    return f"{host}:{port}", process
 
 
 def start_site(
@@ -201,11 +234,16 @@ def start_site(
     threads: int | None = None,
     warm: bool = True,
     task_poll_interval: float | None = TASK_POLL_INTERVAL,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
 ) -> ManagedProcess:
-    """Start one site's SuperNode through ``python -m client join`` (insecure, loopback).
+    """Start one site's SuperNode through ``python -m client join`` on loopback.
 
     ``poll_interval`` is the SuperNode's fleet polling, ``task_poll_interval`` its
     SuperExec's (``None``: Flower's 1 s); ``warm`` forks ClientApps from a warm launcher.
+    Without ``root_certificates`` the site joins ``--insecure``; ``auth_key`` is its private
+    key when the SuperLink authenticates sites. The site runs only the apps its config
+    approves (``federation.approved_apps``).
     """
     argv = [
         sys.executable,
@@ -218,10 +256,12 @@ def start_site(
         superlink,
         "--port",
         str(port),
-        "--insecure",
         "--poll-interval",
         str(poll_interval),
     ]
+    argv += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
+    if auth_key is not None:
+        argv += ["--auth-key", str(auth_key)]
     if threads is not None:
         argv += ["--threads", str(threads)]
     if not warm:

@@ -19,6 +19,7 @@ __all__ = [
     "connected_nodes",
     "format_run_config",
     "list_runs",
+    "register_node",
     "run_info",
     "stop_run",
     "submit_run",
@@ -107,3 +108,11 @@ def connected_nodes(flwr_home: Path) -> list[dict[str, Any]]:
     payload = _flwr(["supernode", "list", CONNECTION, "--format", "json"], flwr_home)
     nodes = payload.get("nodes", [])
     return [node for node in nodes if str(node.get("status", "")).lower() == "online"]
+
+
+def register_node(public_key: Path, flwr_home: Path) -> int:
+    """``flwr supernode register KEY.pub``: admit a site's key; return its node id."""
+    payload = _flwr(
+        ["supernode", "register", str(public_key), CONNECTION, "--format", "json"], flwr_home
+    )
+    return int(payload["node-id"])

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -237,14 +238,23 @@ def start_process(
     return ManagedProcess(name=name, process=process, log_path=log_path)
 
 
-def wait_http_ok(url: str, *, timeout: float, process: ManagedProcess | None = None) -> float:
+def wait_http_ok(
+    url: str,
+    *,
+    timeout: float,
+    process: ManagedProcess | None = None,
+    ca: Path | None = None,
+) -> float:
     """Poll ``url`` until it answers 200; return the seconds it took.
+
+    ``ca`` is the CA certificate to verify an ``https`` URL against.
 
     Raises
     ------
     ProcessStartError
         If ``process`` exits first or ``timeout`` passes (with the tail of its log).
     """
+    context = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
     started = time.monotonic()
     while True:
         if process is not None and not process.alive():
@@ -254,7 +264,7 @@ def wait_http_ok(url: str, *, timeout: float, process: ManagedProcess | None = N
                 f"{log_tail(process.log_path)}"
             )
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 if response.status == 200:
                     return time.monotonic() - started
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):

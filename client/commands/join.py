@@ -23,6 +23,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from client.app_approval import ALLOW_ANY, APPROVED_APPS_ENV, SITE_NAME_ENV
+
 __all__ = [
     "FLOWER_POLL_SECONDS",
     "WARM_MODULES",
@@ -30,6 +32,7 @@ __all__ = [
     "shorten_fleet_polling",
     "start_warm_launcher",
     "supernode_argv",
+    "write_guarded_clientapp",
 ]
 
 console = Console(stderr=True)
@@ -70,6 +73,9 @@ def shorten_fleet_polling(interval: float) -> None:
     loop.time = types.SimpleNamespace(**members)  # type: ignore[assignment]
 
 
+#: The app approval gate every ClientApp process loads by path (:mod:`client.app_approval`).
+_GATE = Path(__file__).resolve().parent.parent / "app_approval.py"
+
 #: Third-party modules a warm launcher imports once (never project modules: every ClientApp
 #: must import ``client``, ``server`` and ``sic_core`` from the app bundle it was sent).
 WARM_MODULES = (
@@ -95,10 +101,10 @@ WARM_MODULES = (
 )
 
 _LAUNCHER = """\
-import importlib, json, os, signal, socket, sys
+import importlib, importlib.util, json, os, signal, socket, sys
 
-address, parent = sys.argv[1], os.getppid()
-for name in sys.argv[2:]:
+address, gate_path, parent = sys.argv[1], sys.argv[2], os.getppid()
+for name in sys.argv[3:]:
     try:
         importlib.import_module(name)
     except Exception as error:  # an optional module missing only costs import time later
@@ -129,6 +135,11 @@ while os.getppid() == parent:  # exit with the SuperNode
             os.chdir(request["cwd"])
             os.environ.clear()
             os.environ.update(request["env"])
+            # The site's app approval gate, before anything of the bundle is installed.
+            spec = importlib.util.spec_from_file_location("sicfed_app_approval", gate_path)
+            gate = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(gate)
+            gate.install_guard_from_environment()
             sys.argv = ["flwr-clientapp", *request["args"]]
             code = 1
             try:
@@ -167,6 +178,45 @@ connection.recv(64)
 """
 
 
+_GUARDED_CLIENTAPP = """\
+#!{python} -I
+# flwr-clientapp of site {site}: the site's app approval gate, then Flower's ClientApp
+# process (-I: nothing of the site's checkout is importable in place of the app bundle).
+import importlib.util, sys
+
+spec = importlib.util.spec_from_file_location("sicfed_app_approval", {gate!r})
+gate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gate)
+gate.install_guard_from_environment()
+from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+sys.argv[0] = "flwr-clientapp"
+sys.exit(flwr_clientapp())
+"""
+
+
+def _write_executable(path: Path, text: str) -> None:
+    """Write beside ``path`` and rename over it, executable: a SuperNode (or a test) that
+    sees the file never finds it half-written or not yet executable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(text)
+    staged.chmod(0o755)
+    os.replace(staged, path)
+
+
+def write_guarded_clientapp(path: Path, site: str) -> Path:
+    """Write a ``flwr-clientapp`` that runs the site's app approval gate first.
+
+    The gate (:mod:`client.app_approval`, loaded by path from this checkout) refuses a bundle
+    whose hash the site did not approve before Flower installs or imports it.
+    """
+    _write_executable(
+        path, _GUARDED_CLIENTAPP.format(python=sys.executable, site=site, gate=str(_GATE))
+    )
+    return path
+
+
 def start_warm_launcher(
     folder: Path, site: str, *, modules: tuple[str, ...] = WARM_MODULES
 ) -> subprocess.Popen:
@@ -176,7 +226,8 @@ def start_warm_launcher(
     MONAI and scikit-learn takes most of each one's life (tens of seconds on a busy CPU).
     The launcher imports :data:`WARM_MODULES` once and forks a child per message that runs
     ``flwr-clientapp`` unchanged (the app itself still comes from the bundle the message
-    belongs to). ``folder/bin/flwr-clientapp`` is a shim that hands each launch to it; put
+    belongs to), after the site's app approval gate. ``folder/bin/flwr-clientapp`` is a
+    shim that hands each launch to it (or starts a gated cold one if it does not answer); put
     ``folder/bin`` first on ``PATH`` before starting the SuperNode. The launcher exits with
     its parent; its output (and every ClientApp's) goes to this process's stdout.
     """
@@ -185,16 +236,13 @@ def start_warm_launcher(
     bin_dir.mkdir(parents=True, exist_ok=True)
     launcher = folder / "warm_launcher.py"
     launcher.write_text(_LAUNCHER)
-    shim = bin_dir / "flwr-clientapp"
-    cold = str(Path(sys.executable).parent / "flwr-clientapp")
-    # Written beside it and renamed over it, executable: a SuperNode (or a test) that sees
-    # the shim never finds it half-written or not yet executable.
-    staged = shim.with_name(f".{shim.name}.tmp")
-    staged.write_text(_SHIM.format(python=sys.executable, site=site, address=address, cold=cold))
-    staged.chmod(0o755)
-    os.replace(staged, shim)
+    cold = str(write_guarded_clientapp(folder / "cold-clientapp", site))
+    _write_executable(
+        bin_dir / "flwr-clientapp",
+        _SHIM.format(python=sys.executable, site=site, address=address, cold=cold),
+    )
     # -I: the launcher must not see the checkout (no project module may be preloaded).
-    return subprocess.Popen([sys.executable, "-I", str(launcher), address, *modules])
+    return subprocess.Popen([sys.executable, "-I", str(launcher), address, str(_GATE), *modules])
 
 
 def supernode_argv(
@@ -261,9 +309,20 @@ def join(
     auth_key: Annotated[
         Path | None,
         typer.Option(
-            help="This site's private key, if the SuperLink authenticates sites.", exists=True
+            help="This site's private key (from `python -m client keygen`); the coordinator "
+            "registers its .pub file.",
+            exists=True,
+            dir_okay=False,
         ),
     ] = None,
+    allow_any_app: Annotated[
+        bool,
+        typer.Option(
+            "--allow-any-app",
+            help="Run any app bundle the coordinator sends, approved or not (development "
+            "only; default: only the hashes in federation.approved_apps).",
+        ),
+    ] = False,
     flwr_home: Annotated[
         Path | None, typer.Option(help="Private FLWR_HOME (default: <state_dir>/flwr).")
     ] = None,
@@ -293,10 +352,16 @@ def join(
 ) -> None:
     """Join a federation: start this site's Flower SuperNode.
 
+    Before connecting, checks that the TLS settings fit the SuperLink (a wrong CA or TLS mode
+    stops here with one line naming the cause). Every app bundle the coordinator sends must
+    be approved first: its hash in the site's federation.approved_apps (`python -m client
+    approve`); anything else is refused with app_not_approved before any of it runs.
+
     Examples
     --------
-    python -m client join --site site_configs/site_a.yaml --root-certificates ca.crt
-    python -m client join --site demo/sites/site_a/site.yaml --insecure --port 9095
+    python -m client join --site site.yaml --superlink coordinator.example:8000 \
+        --root-certificates ca.crt --auth-key keys/site_ecdsa
+    python -m client join --site demo/sites/site_a/site.yaml --insecure --allow-any-app
     """
     from client.config import load_site_config
     from sic_core.errors import SicfedError
@@ -308,10 +373,18 @@ def join(
                 "give --root-certificates (TLS) or --insecure (loopback only)",
                 param_hint="--root-certificates",
             )
+        if not config.federation.approved_apps and not allow_any_app:
+            raise typer.BadParameter(
+                f"{site}: federation.approved_apps is empty, so no app could run here; "
+                "approve the coordinator's app (`python -m client approve --site "
+                f"{site} --app-hash sha256:...`) or give --allow-any-app (development only)",
+                param_hint="--allow-any-app",
+            )
+        _wait_for_superlink(superlink, root_certificates if not insecure else None)
         if prepare:
             _data_summary(site)
     except SicfedError as error:
-        console.print(f"[red]error:[/] {error}")
+        console.print(f"[red]error:[/] {error.reason}: {error}", soft_wrap=True)
         raise typer.Exit(2) from None
     home = (flwr_home or Path(config.state_dir) / "flwr").resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -322,14 +395,24 @@ def join(
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            APPROVED_APPS_ENV: ALLOW_ANY
+            if allow_any_app
+            else " ".join(config.federation.approved_apps),
+            SITE_NAME_ENV: config.name,
         }
     )
+    if allow_any_app:
+        console.print("[yellow]warning:[/] --allow-any-app: this site runs any app it is sent")
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    launch = home / "launch"
     if warm:
-        launcher = start_warm_launcher(home / "warm", config.name)
+        launcher = start_warm_launcher(launch, config.name)
         atexit.register(launcher.terminate)
-        os.environ["PATH"] = f"{home / 'warm' / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    else:
+        write_guarded_clientapp(launch / "bin" / "flwr-clientapp", config.name)
+    # Flower starts `flwr-clientapp` from PATH: ours first, with the approval gate.
+    os.environ["PATH"] = f"{launch / 'bin'}{os.pathsep}{os.environ['PATH']}"
     if poll_interval < FLOWER_POLL_SECONDS:
         shorten_fleet_polling(poll_interval)
     sys.argv = supernode_argv(
@@ -342,9 +425,70 @@ def join(
     )
     # Flower logs through its own console handler; keep its lines (and every HTTP poll of
     # httpx) out of the CLI's root handler.
-    logging.getLogger("flwr").propagate = False
+    flower_log = logging.getLogger("flwr")
+    flower_log.propagate = False
+    refusal = _AuthRefusalWatch()
+    flower_log.addHandler(refusal)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     console.print(f"Site [bold]{config.name}[/] joining {superlink} (FLWR_HOME={home})")
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    flower_supernode()
+    try:
+        flower_supernode()
+    except SystemExit:
+        if refusal.code is not None:
+            console.print(f"[red]error:[/] {refusal.explain(auth_key)}", soft_wrap=True)
+            raise typer.Exit(3) from None
+        raise
+
+
+def _wait_for_superlink(address: str, root_certificates: Path | None) -> None:
+    """Probe the SuperLink until it answers; a TLS mismatch raises at once."""
+    from client.superlink_probe import SuperLinkUnreachableError, probe_superlink
+
+    announced = False
+    while True:
+        try:
+            probe_superlink(address, root_certificates=root_certificates)
+            return
+        except SuperLinkUnreachableError as error:
+            if not announced:
+                console.print(f"{error}; retrying until it answers")
+                announced = True
+            time.sleep(2.0)
+
+
+class _AuthRefusalWatch(logging.Handler):
+    """Notices the SuperLink refusing this site's identity in Flower's exit message.
+
+    Flower 1.41 ends the SuperNode with exit code 305 for every failed first connection; the
+    Flower error code inside its message tells a missing key (2001) from a key the
+    coordinator never registered (2004).
+    """
+
+    MISSING_KEY = "2001"
+    UNREGISTERED_KEY = "2004"
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.code: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        for code in (self.MISSING_KEY, self.UNREGISTERED_KEY):
+            if f"[code: {code}]" in text:
+                self.code = code
+
+    def explain(self, auth_key: Path | None) -> str:
+        """One line naming the cause."""
+        if self.code == self.MISSING_KEY or auth_key is None:
+            return (
+                "site_key_missing: the SuperLink authenticates sites; make a key with "
+                "`python -m client keygen --out DIR`, have the coordinator register DIR/"
+                "site_ecdsa.pub, and join with --auth-key DIR/site_ecdsa"
+            )
+        return (
+            f"site_not_registered: the SuperLink refused the key {auth_key}: the coordinator "
+            "has not registered its .pub file (`python -m server register-site`), or this "
+            "site is still connected from an earlier start (retry after a minute)"
+        )

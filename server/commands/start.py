@@ -17,9 +17,10 @@ from server.coordinator import (
     start_superlink,
 )
 from server.processes import ProcessGroup, pid_alive, wait_http_ok
+from server.tls import TlsFiles, certificate_names
 from sic_core.errors import SicfedError
 
-__all__ = ["DEFAULT_HOME", "start"]
+__all__ = ["DEFAULT_HOME", "join_command", "start"]
 
 console = Console()
 
@@ -36,29 +37,66 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def join_command(
+    address: str,
+    *,
+    tls: TlsFiles | None,
+    site_auth: bool,
+) -> str:
+    """The command a site runs to join (paths as on the coordinator host: copy ca.crt)."""
+    parts = ["python -m client join --site SITE.yaml", f"--superlink {address}"]
+    parts.append(f"--root-certificates {tls.ca_cert}" if tls else "--insecure")
+    if site_auth:
+        parts.append("--auth-key KEYS/site_ecdsa")
+    return " ".join(parts)
+
+
+def _site_address(host: str, port: int, tls: TlsFiles | None) -> str:
+    """The address sites use: ``host``, or for a wildcard bind the certificate's first name."""
+    if host not in ("0.0.0.0", "::"):
+        return f"{host}:{port}"
+    names = certificate_names(tls.server_cert) if tls else []
+    remote = [name for name in names if not _is_loopback(name)]
+    return f"{(remote or names or ['127.0.0.1'])[0]}:{port}"
+
+
 def start(
     home: Annotated[Path, typer.Option(help="Coordinator home folder.")] = DEFAULT_HOME,
-    host: Annotated[str, typer.Option(help="SuperLink address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="SuperLink port (Fleet, Control, Runtime).")] = 8000,
+    host: Annotated[
+        str, typer.Option(help="Address the sites' Fleet API listener binds (0.0.0.0: all).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Fleet API port (the only one sites reach).")] = 8000,
+    control_port: Annotated[
+        int, typer.Option(help="Control/Runtime API port, on 127.0.0.1 only.")
+    ] = 8001,
     mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port.")] = 5000,
-    ssl_ca_certfile: Annotated[
-        Path | None, typer.Option(exists=True, help="TLS CA certificate.")
-    ] = None,
-    ssl_certfile: Annotated[Path | None, typer.Option(exists=True, help="TLS certificate.")] = None,
-    ssl_keyfile: Annotated[Path | None, typer.Option(exists=True, help="TLS private key.")] = None,
-    allow_insecure: Annotated[
-        bool, typer.Option(help="Allow a non-loopback SuperLink without TLS (never in production).")
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure", help="No TLS (loopback experiments only; implies --no-site-auth)."
+        ),
     ] = False,
+    site_auth: Annotated[
+        bool,
+        typer.Option(
+            "--site-auth/--no-site-auth",
+            help="Admit only sites whose key was registered (python -m server register-site).",
+        ),
+    ] = True,
 ) -> None:
     """Start the coordinator: SuperLink (with its state database) and MLflow (sqlite, loopback).
 
-    Both keep running after this command returns; stop them with `python -m server stop`.
+    TLS is required: the certificates come from `python -m server certs` (HOME/tls/).
+    Sites reach only the Fleet API (--host/--port); the Control API, which submits and
+    stops runs and registers sites, listens on 127.0.0.1:--control-port. Only sites whose
+    key was registered may join, unless --no-site-auth. Both services keep running after
+    this command returns; stop them with `python -m server stop`.
 
     Examples
     --------
-    python -m server start --home runs/coordinator
-    python -m server start --host 0.0.0.0 --ssl-ca-certfile ca.crt \
-        --ssl-certfile server.pem --ssl-keyfile server.key
+    python -m server certs --home runs/coordinator --san coordinator.example
+    python -m server start --home runs/coordinator --host 0.0.0.0
+    python -m server start --home /tmp/try --insecure   # loopback experiment, no TLS
     """
     coordinator = Coordinator(home)
     running = [n for n, p in coordinator.recorded_processes().items() if pid_alive(p["pid"])]
@@ -67,15 +105,17 @@ def start(
             f"[red]error:[/] {coordinator.home} already runs {', '.join(running)}; stop it first"
         )
         raise typer.Exit(1)
-    tls_files = (ssl_ca_certfile, ssl_certfile, ssl_keyfile)
-    if any(tls_files) and not all(tls_files):
-        raise typer.BadParameter("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")
-    tls = tls_files if all(tls_files) else None
-    if tls is None and not _is_loopback(host) and not allow_insecure:
-        raise typer.BadParameter(
-            f"{host} is not a loopback address: give TLS files (or --allow-insecure)",
-            param_hint="--host",
+    tls = None if insecure else coordinator.tls
+    if tls is not None and not tls.complete():
+        console.print(
+            f"[red]error:[/] no TLS certificates in {tls.folder}: run `python -m server certs "
+            f"--home {home} --san HOST` first (or give --insecure, loopback only)"
         )
+        raise typer.Exit(2)
+    if insecure and not _is_loopback(host):
+        console.print(f"[red]error:[/] --insecure on {host}, which is not a loopback address")
+        raise typer.Exit(2)
+    site_auth = site_auth and not insecure
     group = ProcessGroup()
     try:
         tracking_uri = start_mlflow(
@@ -84,23 +124,38 @@ def start(
             port=mlflow_port,
             log_path=coordinator.logs / "mlflow.log",
         )
-        address, _ = start_superlink(group, coordinator, port=port, host=host, tls=tls)
+        address, superlink = start_superlink(
+            group,
+            coordinator,
+            port=port,
+            host=host,
+            control_port=control_port,
+            tls=tls,
+            site_auth=site_auth,
+        )
         with console.status("Waiting for MLflow (first start migrates its database) ..."):
             wait_http_ok(f"{tracking_uri}/health", timeout=240, process=group.processes[0])
     except (SicfedError, KeyboardInterrupt) as error:
         group.stop_all()
         console.print(f"[red]error:[/] {error}")
         raise typer.Exit(1) from None
-    coordinator.save_addresses(CoordinatorAddresses(superlink=address, tracking_uri=tracking_uri))
+    site_address = _site_address(host, port, tls)
+    coordinator.save_addresses(
+        CoordinatorAddresses(superlink=site_address, tracking_uri=tracking_uri)
+    )
     group.write_pid_file(coordinator.pid_file)
     table = Table(title=f"Coordinator {coordinator.home}")
     for column in ("service", "address", "pid", "log"):
         table.add_column(column)
-    table.add_row(
-        "SuperLink", address, str(group.processes[1].pid), str(group.processes[1].log_path)
-    )
+    table.add_row("SuperLink (sites)", address, str(superlink.pid), str(superlink.log_path))
+    table.add_row("Control API", f"127.0.0.1:{control_port}", str(superlink.pid), "")
     table.add_row(
         "MLflow", tracking_uri, str(group.processes[0].pid), str(group.processes[0].log_path)
     )
     console.print(table)
-    console.print(f"Sites join with: python -m client join --site SITE.yaml --superlink {address}")
+    auth = "on (python -m server register-site admits a site)" if site_auth else "[red]off[/]"
+    console.print(f"TLS: {'on' if tls else '[red]off[/]'}; site authentication: {auth}")
+    if tls:
+        console.print(f"Give every site {tls.ca_cert}.")
+    console.print("Sites join with:")
+    console.print(join_command(site_address, tls=tls, site_auth=site_auth), soft_wrap=True)

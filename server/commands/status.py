@@ -13,6 +13,7 @@ from server.commands.start import DEFAULT_HOME
 from server.coordinator import Coordinator
 from server.flower_cli import connected_nodes, list_runs
 from server.processes import pid_alive
+from server.roster import Roster
 from sic_core.errors import SicfedError
 
 __all__ = ["status"]
@@ -23,7 +24,7 @@ console = Console()
 def status(
     home: Annotated[Path, typer.Option(help="Coordinator home folder.")] = DEFAULT_HOME,
 ) -> None:
-    """Show the coordinator's processes, the connected sites and the runs.
+    """Show the coordinator's processes, the registered and connected sites, and the runs.
 
     Examples
     --------
@@ -49,6 +50,17 @@ def status(
     except SicfedError as error:
         console.print(f"[red]cannot reach the SuperLink:[/] {error}")
         raise typer.Exit(1) from None
+    sites = Table(title="Sites")
+    for column in ("site", "state", "node id", "key fingerprint", "registered"):
+        sites.add_column(column)
+    online = {int(node["node-id"]) for node in nodes}
+    registered = Roster(coordinator.roster_file).sites()
+    for site in registered:
+        state = "connected" if site.node_id in online else "registered, not connected"
+        sites.add_row(site.name, state, str(site.node_id), site.fingerprint, site.registered_at)
+    for node_id in sorted(online - {site.node_id for site in registered}):
+        sites.add_row("(unregistered)", "connected", str(node_id), "-", "-")
+    console.print(sites)
     console.print(f"connected sites (SuperNodes online): {len(nodes)}")
     table = Table(title="Runs")
     for column in ("run id", "status", "elapsed s", "traffic MB", "client compute s"):
