@@ -254,7 +254,9 @@ def _write_site_files(
                 "image_size": size,
                 "allowed_modalities": [spec.modality],
             },
-            "reporting": {"share_example_images": True},
+            # Private by default, like any real site (the demo turns sharing on for its own
+            # synthetic sites).
+            "reporting": {"share_example_images": False},
         },
         comment=f"SynthCXR {spec.name}: synthetic data, written by `python -m client synth`",
     )

@@ -1,11 +1,15 @@
 """``python -m server demo``: a whole synthetic federation on this machine.
 
 Generates SynthCXR (if absent), starts the MLflow server (first, its database migration is
-slow), a real SuperLink and one SuperNode per site on loopback, runs the federation, prints a
-per-round table and where the reports and the MLflow store are, and stops every process it
-started, also on Ctrl-C, SIGTERM and failure. Layout under ``--out``::
+slow), a real SuperLink (TLS with the demo's own CA, site authentication on) and one
+SuperNode per site on loopback (each with a registered key, approving the demo's bundle),
+runs the federation, prints a per-round table and where the reports and the MLflow store
+are, and stops every process it started, also on Ctrl-C, SIGTERM and failure. Layout
+under ``--out``::
 
-    DIR/sites/<site>/        SynthCXR site data, site.yaml, state/ (cache, reports, FLWR_HOME)
+    DIR/sites/<site>/        SynthCXR site data, site.yaml, keys/, state/ (cache, reports,
+                             FLWR_HOME)
+    DIR/tls/                 the demo's throw-away CA and SuperLink certificate
     DIR/public/              public SynthCXR (another seed) and init.pt, the public warm
                              start (with --dp or --public-init)
     DIR/mlflow/mlflow.db     MLflow store; artifacts in DIR/mlflow/artifacts
@@ -29,6 +33,7 @@ import typer
 import yaml
 from rich.console import Console
 
+from server.app_bundle import app_bundle_hash
 from server.coordinator import (
     Coordinator,
     follow_run,
@@ -39,19 +44,24 @@ from server.coordinator import (
     start_superlink,
     submit,
 )
-from server.flower_cli import connected_nodes
+from server.flower_cli import connected_nodes, register_node
 from server.processes import ProcessGroup, ProcessStartError, wait_http_ok
+from server.roster import Roster, key_fingerprint, read_public_key
 from server.staging import project_root
+from server.tls import create_certificates
 from sic_core.errors import SicfedError
 
 __all__ = [
+    "DEMO_SITE_COMMENT",
     "PUBLIC_SEED_OFFSET",
     "PUBLIC_SITES",
     "SITE_NAMES",
+    "configure_demo_site",
     "demo",
     "ensure_public_warm_start",
     "ensure_synthcxr",
-    "set_site_privacy",
+    "register_demo_site",
+    "reset_superlink_state",
     "wait_for_sites",
     "warm_start_stalled",
 ]
@@ -176,11 +186,58 @@ def warm_start_stalled(checkpoint: Path) -> bool:
     return bool(load_checkpoint(checkpoint).metadata.get("stalled", False))
 
 
-def set_site_privacy(site_yaml: Path, privacy: dict[str, Any]) -> None:
-    """Write the demo's ``privacy`` section into a generated site config (YAML)."""
+#: Heads every demo site config: why it shares example images, unlike any real site.
+DEMO_SITE_COMMENT = (
+    "# A demo site of synthetic SynthCXR data, written by `python -m server demo`.\n"
+    "# share_example_images is true here only because no image shows a patient: every\n"
+    "# real site keeps the default (false), so that no pixels leave the hospital.\n"
+)
+
+
+def configure_demo_site(site_yaml: Path, *, privacy: dict[str, Any], approved_app: str) -> None:
+    """Write the demo's sections into a generated site config.
+
+    ``privacy`` becomes the ``privacy`` section; the site approves exactly the demo's own
+    app bundle (``approved_app``, a ``sha256:...`` hash) and shares example images.
+    """
     config = yaml.safe_load(site_yaml.read_text())
     config["privacy"] = dict(privacy)
-    site_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
+    config["reporting"] = {**(config.get("reporting") or {}), "share_example_images": True}
+    config["federation"] = {"approved_apps": [approved_app]}
+    site_yaml.write_text(DEMO_SITE_COMMENT + yaml.safe_dump(config, sort_keys=False))
+
+
+def register_demo_site(coordinator: Coordinator, name: str, keys: Path) -> Path:
+    """Give a demo site a key pair (``python -m client keygen``) and register it.
+
+    Returns the site's private key. Keys are made once and reused; a key that the
+    coordinator's roster already holds is not registered again.
+    """
+    private, public = keys / "site_ecdsa", keys / "site_ecdsa.pub"
+    if not private.exists():
+        argv = [sys.executable, "-m", "client", "keygen", "--out", str(keys), "--comment", name]
+        completed = subprocess.run(
+            argv, capture_output=True, text=True, cwd=project_root(), check=False
+        )
+        if completed.returncode != 0:
+            raise ProcessStartError(f"keygen for {name} failed: {completed.stdout.strip()}")
+    roster = Roster(coordinator.roster_file)
+    fingerprint = key_fingerprint(read_public_key(public))
+    if all(site.fingerprint != fingerprint for site in roster.sites()):
+        roster.check_new(name, fingerprint)
+        roster.add(name, fingerprint, register_node(public, coordinator.flwr_home))
+    return private
+
+
+def reset_superlink_state(coordinator: Coordinator) -> None:
+    """Forget the previous demo's SuperLink state and registrations.
+
+    A SuperNode that a previous demo left "online" in the state database could not
+    reconnect for a minute (Flower activates only offline nodes); a fresh state and roster
+    avoid that wait.
+    """
+    for path in (coordinator.superlink_db, coordinator.roster_file):
+        path.unlink(missing_ok=True)
 
 
 def wait_for_sites(
@@ -276,12 +333,22 @@ def demo(
                     log_path=coordinator.logs / "synth.log",
                 )
             console.print(f"SynthCXR in {out / 'sites'} ({'generated' if generated else 'reused'})")
+            # TLS with the demo's own throw-away CA, and only registered sites may join.
+            if not coordinator.tls.complete():
+                create_certificates(coordinator.tls.folder, ["127.0.0.1"], overwrite=True)
+            reset_superlink_state(coordinator)
+            approved_app = app_bundle_hash(out / "staging")
             for name in names:
-                set_site_privacy(
-                    out / "sites" / name / "site.yaml", {"epsilon_per_round": epsilon_per_round}
+                configure_demo_site(
+                    out / "sites" / name / "site.yaml",
+                    privacy={"epsilon_per_round": epsilon_per_round},
+                    approved_app=approved_app,
                 )
-            address, _ = start_superlink(group, coordinator, port=free_port(8000))
+            address, _ = start_superlink(
+                group, coordinator, port=free_port(8000), tls=coordinator.tls, site_auth=True
+            )
             for index, name in enumerate(names):
+                auth_key = register_demo_site(coordinator, name, out / "sites" / name / "keys")
                 start_site(
                     group,
                     out / "sites" / name / "site.yaml",
@@ -291,6 +358,8 @@ def demo(
                     log_path=coordinator.logs / f"{name}.log",
                     poll_interval=poll_interval,
                     threads=1,
+                    root_certificates=coordinator.tls.ca_cert,
+                    auth_key=auth_key,
                 )
             init_weights = ""
             if warm:

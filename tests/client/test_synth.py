@@ -59,7 +59,7 @@ def test_layout_manifest_and_ready_site_configs(synth_root: Path) -> None:
         assert len(rows) == site["images"] == len(list((folder / "dicom").glob("*.dcm")))
         config = load_site_config(folder / "site.yaml")
         assert config.name == site["name"] and config.data.image_size == SYNTH_SIZE
-        assert config.reporting.share_example_images is True
+        assert config.reporting.share_example_images is False
         assert config.data.labels_csv == (folder / "labels.csv").resolve()
         for per_class in site["counts"].values():
             assert all(count > 0 for count in per_class.values())
