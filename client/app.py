@@ -226,6 +226,7 @@ def train(message: Message, context: Context) -> Message:
         str(TrainMetric.STARTUP): startup,
         str(TrainMetric.QUARANTINED): int(sum(data.quarantine_counts.values())),
         str(TrainMetric.DP_EPSILON): epsilon,
+        str(TrainMetric.COLLAPSED): int(history.collapsed),
     }
     return _reply(message, config, metrics, **{str(RecordKey.ARRAYS): weights})
 

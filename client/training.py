@@ -267,8 +267,12 @@ def train_locally(
     In the first ``settings.anchor_rounds`` rounds every local epoch trains against the
     public class anchors (:func:`run_anchors`), identical at every site and in every round
     and the ones the server evaluates with, which spreads the embeddings of a randomly
-    initialised encoder; later rounds train episodically, as the reference SIC does. Each
-    round's schedule has no warm-up (the global model is already warm after round 1).
+    initialised encoder. Later rounds follow :func:`sic_core.train_sic`'s recipe against
+    the same anchors: an epoch trains episodically (with the anchored term) when the
+    global model's embeddings separate this site's classes, against the anchors alone
+    otherwise. Each round's schedule has no warm-up (the global model is already warm after
+    round 1). A collapsed result is logged here and flagged in the reply's
+    ``train.collapsed`` metric.
     """
     if images.shape[0] == 0:
         raise SiteError("the training split is empty", reason="no_training_data")
@@ -276,12 +280,11 @@ def train_locally(
         epochs=settings.local_epochs,
         lr=settings.lr,
         warmup_epochs=0.0,
-        anchor_epochs=0,
         batch_size=settings.batch_size,
         seed=settings.seed + settings.server_round,
     )
+    anchors = run_anchors(model, settings)
     anchored = settings.server_round <= settings.anchor_rounds
-    anchors = run_anchors(model, settings) if anchored else None
     with proximal_term(model, settings.proximal_mu):
         history = train_sic(
             model,
@@ -289,8 +292,16 @@ def train_locally(
             labels,
             config,
             augment=augment,
-            fixed_support=anchors,
+            fixed_support=anchors if anchored else None,
+            anchors=anchors,
             finalize_support=False,
+        )
+    if history.collapsed:
+        log.warning(
+            "local training collapsed (loss %.4f at ln 2, mean embedding cosine %.3f); "
+            "the server leaves this update out",
+            history.final_loss,
+            history.final_mean_cosine,
         )
     if not math.isfinite(history.final_loss):
         raise SiteError("local training diverged (non-finite loss)", reason="training_diverged")
@@ -311,7 +322,6 @@ def _dp_train_config(settings: RoundSettings) -> TrainConfig:
         epochs=settings.local_epochs,
         lr=settings.lr,
         warmup_epochs=0.0,
-        anchor_epochs=0,
         batch_size=settings.batch_size,
         seed=settings.seed + settings.server_round,
     )

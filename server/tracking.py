@@ -49,6 +49,7 @@ SITE_METRIC_NAMES: dict[str, dict[str, str]] = {
         TrainMetric.STARTUP: "time/train_startup_s",
         TrainMetric.QUARANTINED: "data/quarantined",
         TrainMetric.DP_EPSILON: "dp/epsilon",
+        TrainMetric.COLLAPSED: "train/collapsed",
     },
     "support": {
         SupportMetric.NUM_EXAMPLES: "data/support_images",

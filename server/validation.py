@@ -150,6 +150,15 @@ def check_train_reply(
         return Rejection(
             "array_records", f"expected one ArrayRecord, got {len(content.array_records)}"
         )
+    metrics = content.get(str(RecordKey.METRICS))
+    if isinstance(metrics, MetricRecord) and float(metrics[str(TrainMetric.COLLAPSED)]) > 0:
+        # A collapsed model maps every image to one vector: averaging it in drags the
+        # global model toward the same fixed point.
+        return Rejection(
+            "collapsed",
+            f"local training collapsed (loss {float(metrics[str(TrainMetric.LOSS)]):.4f} "
+            "at ln 2, embeddings nearly identical)",
+        )
     arrays, problem = _arrays_match(
         content.get(str(RecordKey.ARRAYS)), array_spec(reference), str(RecordKey.ARRAYS)
     )

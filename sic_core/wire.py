@@ -148,6 +148,9 @@ class TrainMetric(StrEnum):
     QUARANTINED = "data.quarantined"
     #: Privacy spent so far at this site (0 without DP).
     DP_EPSILON = "dp.epsilon"
+    #: 1 when local training ended collapsed (loss at ln 2, embeddings nearly identical;
+    #: :attr:`sic_core.training.TrainHistory.collapsed`), else 0. The server rejects it.
+    COLLAPSED = "train.collapsed"
 
 
 class SupportMetric(StrEnum):

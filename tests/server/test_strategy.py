@@ -53,6 +53,7 @@ def train_metrics(num_examples: int, loss: float = 0.5) -> MetricRecord:
             str(TrainMetric.STARTUP): 1.0,
             str(TrainMetric.QUARANTINED): 0,
             str(TrainMetric.DP_EPSILON): 0.0,
+            str(TrainMetric.COLLAPSED): 0,
         }
     )
 
@@ -163,6 +164,19 @@ def test_reply_with_nan_metric_wrong_shape_or_keys_is_rejected() -> None:
     assert arrays is None and metrics is None
     reasons = {o.site: o.reason for o in strategy.reports["train"].problems}
     assert reasons == {"site_a": "non_finite", "site_b": "array_shape", "site_c": "metric_keys"}
+
+
+def test_collapsed_local_training_is_left_out_with_its_reason() -> None:
+    def app(message: Message, context: Context) -> Message:
+        reply = honest_app(message, context)
+        if context.node_id == 33:
+            reply.content[str(RecordKey.METRICS)][str(TrainMetric.COLLAPSED)] = 1
+        return reply
+
+    strategy = make_strategy()
+    arrays, _ = train_round(strategy, FakeGrid(app, {n: {} for n in NODES}))
+    assert {o.site: o.reason for o in strategy.reports["train"].problems} == {"site_c": "collapsed"}
+    np.testing.assert_allclose(arrays["layer.weight"].numpy(), (10 + 60) / 40, rtol=1e-6)
 
 
 def test_update_norm_bound_rejects_a_far_update() -> None:
