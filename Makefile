@@ -9,11 +9,12 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # torch and torchvision first, at the exact versions that lie on local disk; any other
-# version would pull gigabytes of CUDA wheels.
+# version would pull gigabytes of CUDA wheels. Everything a site also installs comes at the
+# versions its Docker image pins (docker/site-requirements.txt, used as constraints).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c docker/site-requirements.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: $(STAMP)

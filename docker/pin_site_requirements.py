@@ -1,0 +1,81 @@
+"""Write ``docker/site-requirements.txt``: every Python package a site needs, pinned.
+
+The list is the dependency closure of ``[project] dependencies`` in pyproject.toml, less what
+only the coordinator uses (MLflow: sites never talk to the tracking server), at the versions
+installed in the running environment (the Makefile's ``.venv``, which installs with this
+file as its constraints, so both stay in step). Torch's CUDA runtime packages are left out:
+the site image installs torch's CPU wheel, which needs none of them.
+
+Run from the checkout's root after changing a dependency::
+
+    .venv/bin/python docker/pin_site_requirements.py > docker/site-requirements.txt
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Dependencies of pyproject.toml that only the coordinator needs.
+COORDINATOR_ONLY = frozenset({"mlflow"})
+#: Distributions of torch's CUDA build; the CPU wheel the image installs needs none of them.
+CUDA_RUNTIME_PREFIXES = ("nvidia-", "cuda-", "triton")
+
+HEADER = """\
+# Every Python package of a sicfed site, pinned (docker/site.Dockerfile installs exactly
+# these; the Makefile installs with them as constraints). Generated, do not edit:
+#   .venv/bin/python docker/pin_site_requirements.py > docker/site-requirements.txt
+"""
+
+
+def _wanted(requirement: Requirement, extras: frozenset[str]) -> bool:
+    if requirement.marker is None:
+        return True
+    return any(requirement.marker.evaluate({"extra": extra}) for extra in extras or {""})
+
+
+def site_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """``name==version`` of every package a site needs, sorted by name.
+
+    Parameters
+    ----------
+    pyproject
+        The project file whose ``[project] dependencies`` a site installs.
+
+    Raises
+    ------
+    importlib.metadata.PackageNotFoundError
+        If a needed package is not installed in the running environment.
+    """
+    declared = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    pending = [
+        Requirement(text)
+        for text in declared
+        if canonicalize_name(Requirement(text).name) not in COORDINATOR_ONLY
+    ]
+    pinned: dict[str, str] = {}
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        if name in pinned or name.startswith(CUDA_RUNTIME_PREFIXES):
+            continue
+        distribution = metadata.distribution(name)
+        pinned[name] = distribution.version.split("+")[0]
+        extras = frozenset(requirement.extras)
+        pending += [
+            dependency
+            for dependency in map(Requirement, distribution.requires or [])
+            if _wanted(dependency, extras)
+        ]
+    return [f"{name}=={version}" for name, version in sorted(pinned.items())]
+
+
+if __name__ == "__main__":
+    sys.stdout.write(HEADER + "".join(f"{line}\n" for line in site_requirements()))
