@@ -88,7 +88,9 @@ def build_strategy(settings: RunSettings, sites: SiteDirectory | None = None) ->
     """The SIC strategy over the aggregator named in the run config.
 
     With ``central-dp`` the aggregator is wrapped in Flower's client-side fixed-clipping
-    central DP (:func:`server.strategy.with_central_dp`).
+    central DP (:func:`server.strategy.with_central_dp`), and the adaptive update bound is
+    off: the sites' own clipping already bounds every update. Otherwise updates are clipped
+    to ``update-clip-factor`` x the running median norm (:mod:`server.update_bound`).
     """
     aggregator: Strategy = make_aggregator(
         settings.strategy,
@@ -115,8 +117,11 @@ def build_strategy(settings: RunSettings, sites: SiteDirectory | None = None) ->
         proj_dim=settings.proj_dim,
         node_wait=settings.node_wait,
         max_update_norm=settings.max_update_norm,
+        # Under central DP every site already clips its update to central-dp-clip.
         update_bound=(
-            UpdateNormBound(settings.update_clip_factor) if settings.update_clip_factor else None
+            UpdateNormBound(settings.update_clip_factor)
+            if settings.update_clip_factor and not settings.central_dp
+            else None
         ),
         merge_seed=settings.seed,
         sites=sites,

@@ -62,7 +62,8 @@ class RunSettings(BaseModel):
         Reject train replies whose update norm exceeds this fixed bound (0 disables).
     update_clip_factor
         Clip every accepted update to this many times the running (lower) median norm of
-        the updates of the last rounds (:mod:`server.update_bound`; 0 disables).
+        the updates of the last rounds (:mod:`server.update_bound`; 0 disables; off under
+        ``central_dp``, whose sites clip their updates themselves).
     round_timeout, node_wait, poll_interval
         Seconds to wait for replies per phase, for enough sites, and between polls.
     run_dir

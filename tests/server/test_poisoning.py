@@ -15,7 +15,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from server.app import build_strategy
 from server.messaging import exchange
+from server.settings import RunSettings
 from server.strategy import KRUM_STRATEGIES, STRATEGIES, SicStrategy, make_aggregator
 from server.update_bound import UpdateNormBound, update_norm
 from sic_core.support import SupportSet
@@ -176,3 +178,12 @@ def test_distance_table() -> None:
         assert table[name]["nan"] == pytest.approx(table[name]["shape"], abs=1e-6)
     # Mean aggregators follow a flipped honest-norm update: -u instead of u, weighted 1/5.
     assert 0.2 < table["fedavg"]["sign_flip"] <= 2 * 1.2 / 5
+
+
+def test_the_bound_is_on_by_default_and_off_under_central_dp() -> None:
+    default = build_strategy(RunSettings.from_run_config({}))
+    assert default.update_bound is not None and default.update_bound.factor == CLIP_FACTOR
+    central = build_strategy(RunSettings.from_run_config({"central-dp": True}))
+    assert central.update_bound is None
+    off = build_strategy(RunSettings.from_run_config({"update-clip-factor": 0}))
+    assert off.update_bound is None
