@@ -182,18 +182,23 @@ def test_top_supports_stand_right_of_every_case_in_chromium(
     tmp_path: Path, report: dict, chromium
 ) -> None:
     write_site_report(report, tmp_path, share_images=True)
-    boxes = chromium.measure(
+    layout = chromium.measure(
         tmp_path / "report.html",
-        "[...document.querySelectorAll('#case-gallery .case')].map(c => {"
+        "{page: document.documentElement.scrollWidth, window: window.innerWidth,"
+        " cases: [...document.querySelectorAll('#case-gallery .case')].map(c => {"
         " const r = e => e.getBoundingClientRect();"
         " const input = r(c.querySelector('figure')), bars = r(c.children[2]);"
         " const supports = r(c.querySelector('.supports'));"
         " return {title: c.querySelector('b').textContent, input_top: input.top,"
         " input_bottom: input.bottom, bars_right: bars.right, supports_left: supports.left,"
         " supports_top: supports.top, supports_right: supports.right, case_right: r(c).right};"
-        "})",
+        "})}",
+        width=1400,
     )
+    assert layout["page"] <= layout["window"] == 1400, layout
+    boxes = layout["cases"]
     assert len(boxes) == len(report["gallery"])
+    assert any(box["title"].endswith("— error") for box in boxes)  # misclassified cases too
     for box in boxes:
         # Beside the bars, level with the input image, inside the case's frame.
         assert box["supports_left"] >= box["bars_right"], box
