@@ -1,5 +1,8 @@
 """A real deployment on loopback: SuperLink, three SuperNodes, MLflow server, three rounds.
 
+TLS and site authentication are on, and every site approves the bundle it is sent, as in
+``python -m server demo``.
+
 Starts the processes the way ``python -m server demo`` does, submits the staged app with
 ``flwr run``, follows the run to the end, then checks Flower's run status, the checkpoints,
 the per-site metrics, explanation metrics, reports and registered model in MLflow (with the
@@ -15,7 +18,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from client.synth import generate_synthcxr
-from server.commands.demo import wait_for_sites
+from server.app_bundle import app_bundle_hash
+from server.commands.demo import (
+    configure_demo_site,
+    register_demo_site,
+    wait_for_sites,
+)
 from server.coordinator import (
     Coordinator,
     follow_run,
@@ -27,6 +35,7 @@ from server.coordinator import (
 )
 from server.flower_cli import run_info
 from server.processes import ProcessGroup, pid_alive, process_tree, wait_http_ok
+from server.tls import create_certificates
 from server.tracking import experiment_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
@@ -54,8 +63,14 @@ def test_three_sites_three_rounds_on_a_real_superlink(tmp_path: Path) -> None:
             log_path=coordinator.logs / "mlflow.log",
         )
         mlflow = group.processes[-1]
-        address, _ = start_superlink(group, coordinator, port=free_port(8000))
+        # As the demo runs it: TLS, registered site keys, each site approving this bundle.
+        tls = create_certificates(coordinator.tls.folder, ["127.0.0.1"])
+        approved_app = app_bundle_hash(tmp_path)
+        address, _ = start_superlink(
+            group, coordinator, port=free_port(8000), tls=tls, site_auth=True
+        )
         for index, name in enumerate(SITES):
+            configure_demo_site(data / name / "site.yaml", privacy={}, approved_app=approved_app)
             start_site(
                 group,
                 data / name / "site.yaml",
@@ -65,6 +80,8 @@ def test_three_sites_three_rounds_on_a_real_superlink(tmp_path: Path) -> None:
                 log_path=coordinator.logs / f"{name}.log",
                 poll_interval=0.25,
                 threads=1,
+                root_certificates=tls.ca_cert,
+                auth_key=register_demo_site(coordinator, name, tmp_path / "keys" / name),
             )
         wait_for_sites(coordinator, len(SITES), timeout=240, group=group)
         wait_http_ok(f"{tracking_uri}/health", timeout=240, process=mlflow)
