@@ -16,8 +16,9 @@ so nothing pulls the classes apart again: a fixed point. Two changes remove it:
   (:func:`sic_core.support.anchor_support`). That term is first-order in the direction
   that separates the classes, so the collapsed state is not a fixed point of the sum.
 - **A measured switch.** An epoch trains episodically only when, at its start, the anchor
-  logits of a fixed training subset separate the classes (AUROC >= ``switch_auroc``);
-  otherwise it trains against the anchors alone. The same check runs before every epoch,
+  logits of a fixed training subset separate the classes (AUROC >= ``switch_auroc``, with
+  a mean pairwise embedding cosine of at most 0.99); otherwise it trains against the
+  anchors alone. The same check runs before every epoch,
   so a model that loses separation (or starts collapsed, e.g. a poor global model in a
   federated round) goes back to anchored epochs until it recovers.
 
@@ -95,7 +96,8 @@ class TrainConfig:
         reach this AUROC at its start (the embedding separates the classes); before that,
         and whenever separation is lost again, it trains against the public anchors alone.
         ``None``: anchors every epoch. 0: episodic from the first epoch (a pretrained
-        encoder). Ignored when ``fixed_support`` is given.
+        encoder) unless the embeddings are collapsed (mean pairwise cosine above 0.99).
+        Ignored when ``fixed_support`` is given.
     anchor_weight
         Weight of the class-anchored BCE term added to every episodic step (0: the
         reference's pure episodic loss, which can collapse from scratch).
@@ -322,8 +324,12 @@ def _separation_subset(images: Tensor, labels: Tensor, seed: int) -> tuple[Tenso
 def _epoch_phase(config: TrainConfig, separation: Separation) -> Phase:
     if config.switch_auroc is None:
         return "anchored"
-    # nan (one class in the subset) never counts as separated.
-    return "episodic" if separation.anchor_auroc >= config.switch_auroc else "anchored"
+    # Nearly identical embeddings can still rank the classes by tiny differences in
+    # direction, so a collapsed subset never counts as separated; nor does nan (one class).
+    separated = (
+        separation.anchor_auroc >= config.switch_auroc and separation.mean_cosine <= COLLAPSE_COSINE
+    )
+    return "episodic" if separated else "anchored"
 
 
 def _on_device(support: SupportSet, device: torch.device) -> SupportSet:
