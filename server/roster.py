@@ -16,6 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
@@ -39,7 +40,7 @@ def read_public_key(path: Path) -> bytes:
         raise ConfigError(f"{path}: cannot read the public key ({error.strerror})") from None
     try:
         key = load_ssh_public_key(data)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
         raise ConfigError(f"{path}: not an OpenSSH public key ({error})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ConfigError(
