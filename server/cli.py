@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import typer
 
-from server.commands.audit import audit_app
 from server.commands.app_hash import app_hash
+from server.commands.audit import audit_app
 from server.commands.certs import certs
 from server.commands.demo import demo
 from server.commands.register_site import register_site
