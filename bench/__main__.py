@@ -7,6 +7,10 @@ Examples
     python -m bench --only training      # one section
     python -m bench --only scale         # 10/30/100 simulated sites (minutes; needs the
                                          # [simulation] extra); appends results/scale.json
+    python -m bench --only learning      # SIC vs a plain CNN on every preset, 64 and 128 px,
+                                         # site_a and pooled, 3 seeds (hours on a CPU);
+                                         # writes results/learning.json
+    python -m bench --only learning --sizes 64 --presets easy --seeds 2
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("training", "dp", "data", "round", "explain")
 #: Sections run only when named with --only (too slow for `make bench`, or an extra needed);
 #: each appends its record to results/<name>.json.
-OPTIONAL_SECTIONS = ("scale",)
+OPTIONAL_SECTIONS = ("scale", "learning")
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 console = Console()
@@ -82,6 +86,13 @@ def main(
     out: Annotated[
         Path | None, typer.Option(help="JSON file (default: results/<cpu|gpu>.json)")
     ] = None,
+    presets: Annotated[
+        list[str] | None, typer.Option(help="learning: presets (default: easy default hard)")
+    ] = None,
+    sizes: Annotated[
+        list[int] | None, typer.Option(help="learning: image sizes (default: 64 128)")
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="learning: seeds per combination")] = 3,
 ) -> None:
     """Run the benchmarks and record their figures."""
     chosen = torch.device(device)
@@ -91,6 +102,9 @@ def main(
         raise typer.BadParameter(
             f"unknown section(s) {unknown}; expected some of {SECTIONS + OPTIONAL_SECTIONS}"
         )
+    if sections == ["learning"]:
+        _learning(chosen, out, presets=presets, sizes=sizes, seeds=seeds)
+        return
     figures: dict[str, float] = {}
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="sicfed-bench-") as workdir:
@@ -129,6 +143,49 @@ def main(
     console.print(f"written {target}")
     if failed:
         raise typer.Exit(1)
+
+
+def _learning(
+    device: torch.device,
+    out: Path | None,
+    *,
+    presets: list[str] | None,
+    sizes: list[int] | None,
+    seeds: int,
+) -> None:
+    from bench import learning_bench
+
+    if device.type != "cpu":
+        console.print("[yellow]the learning section trains on the CPU[/]")
+    chosen_presets = presets or list(learning_bench.PRESETS)
+    bad = sorted(set(chosen_presets) - set(learning_bench.PRESETS))
+    if bad:
+        raise typer.BadParameter(
+            f"unknown preset(s) {bad}; expected some of {learning_bench.PRESETS}",
+            param_hint="--presets",
+        )
+    result = learning_bench.run(
+        presets=chosen_presets,
+        sizes=sizes or [learning_bench.DEMO_SIZE, 128],
+        seeds=range(seeds),
+    )
+    table = Table(title="SIC vs plain CNN (64 px, site_a)")
+    table.add_column("preset")
+    table.add_column("best AUROC ratio", justify="right")
+    table.add_column("epochs to 0.9 ratio", justify="right")
+    for preset, ratio in result["sic_vs_cnn_auroc_ratio"].items():
+        epochs_ratio = result["sic_vs_cnn_epochs_to_0p9_ratio"][preset]
+        table.add_row(preset, f"{ratio:.3f}", f"{epochs_ratio:.2f}")
+    console.print(table)
+    target = out or RESULTS / "learning.json"
+    record = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(torch.device("cpu")),
+        **result,
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    console.print(f"written {target}")
 
 
 if __name__ == "__main__":

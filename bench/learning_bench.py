@@ -1,0 +1,323 @@
+"""How fast SIC learns SynthCXR, against a plain CNN of the same shape (``--only learning``).
+
+For each preset, image size, training regime (``site_a`` alone, or the ``pooled`` training
+sites A, B and C) and seed, three models train for the preset's epoch budget:
+
+- ``cnn``: the plain CNN with the small B-cos encoder's widths and strides, BatchNorm + ReLU,
+  global max pool, linear head, cross-entropy (the anchor every ratio is taken against);
+- ``bcos_linear``: the small B-cos encoder, global max pool and a ``BcosLinear`` head, BCE;
+- ``sic``: the SIC model trained by :func:`sic_core.train_sic` with its default recipe.
+
+Each run records validation AUROC per epoch (pooled validation split of its regime), the
+epochs to validation AUROC 0.9, the best AUROC, the final model's AUROC on the held-out site
+D, and (B-cos models) the median lesion lift of the nodule contribution maps on correctly
+detected validation nodules. Ratios, not seconds, so that the figures hold on a busy
+machine: ``sic_vs_cnn_auroc_ratio`` (mean best AUROC) and ``sic_vs_cnn_epochs_to_0p9_ratio``
+(median epochs to 0.9; a run that never gets there counts as budget + 1) per preset, at
+the demo's size from ``site_a`` alone.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bcos.modules import BcosLinear
+from rich.console import Console
+from torch import Tensor, nn
+
+from client.config import load_site_config
+from client.data import SplitData, load_site_data
+from client.synth import generate_synthcxr
+from sic_core import TrainConfig, create_model, explain, train_sic
+from sic_core.encoders import SmallBcosCNN
+from sic_core.explanations import explanation_mode
+from sic_core.head import sic_loss
+from sic_core.metrics import auroc, mass_lift
+
+MODELS = ("cnn", "bcos_linear", "sic")
+REGIMES = ("site_a", "pooled")
+PRESETS = ("easy", "default", "hard")
+#: Epoch budget per preset (the targets: easy within 3 CNN epochs, default within 10).
+EPOCHS = {"easy": 8, "default": 12, "hard": 12}
+DEMO_SIZE = 64
+TARGET_AUROC = 0.9
+TRAINING_SITES = ("site_a", "site_b", "site_c")
+HELD_OUT_SITE = "site_d"
+
+console = Console()
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One model trained on one preset, size, regime and seed."""
+
+    model: str
+    preset: str
+    size: int
+    regime: str
+    seed: int
+    val_auroc: list[float]
+    epochs_to_0p9: int | None
+    best_auroc: float
+    held_out_auroc: float
+    lesion_lift: float | None
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Training and validation tensors of one regime, and the held-out site's images."""
+
+    train: SplitData
+    val: SplitData
+    held_out: SplitData
+
+
+def plain_cnn(in_channels: int = 1, num_classes: int = 2, width: int = 32) -> nn.Module:
+    """The small B-cos encoder's shape as an ordinary CNN (BatchNorm + ReLU)."""
+    layers: list[nn.Module] = []
+    previous = in_channels
+    for out_ch, stride in zip(
+        [width, 2 * width, 2 * width, 4 * width, 4 * width], [2, 1, 2, 2, 1], strict=True
+    ):
+        layers += [
+            nn.Conv2d(previous, out_ch, 3, stride=stride, padding=1),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(),
+        ]
+        previous = out_ch
+    return nn.Sequential(
+        *layers, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(previous, num_classes)
+    )
+
+
+class BcosLinearClassifier(nn.Module):
+    """The small B-cos encoder, global max pool and a ``BcosLinear`` head (exact maps)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2) -> None:
+        super().__init__()
+        self.encoder = SmallBcosCNN(2 * in_channels)
+        self.head = BcosLinear(self.encoder.num_features, num_classes, b=2)
+        self.explaining = False  # read by explanation_mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_encoded(torch.cat([x, 1 - x], dim=1))
+
+    def forward_encoded(self, encoded: Tensor) -> Tensor:
+        return self.head(self.encoder(encoded).amax(dim=(2, 3)))
+
+
+def _fit(
+    model: nn.Module,
+    data: Regime,
+    *,
+    epochs: int,
+    seed: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+) -> list[float]:
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, labels = data.train.images, data.train.labels
+    curve = []
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(labels.shape[0], generator=generator).split(32):
+            loss = loss_fn(model(images[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        curve.append(_auroc(model, data.val.images, data.val.labels))
+    return curve
+
+
+@torch.no_grad()
+def _auroc(model: nn.Module, images: Tensor, labels: Tensor) -> float:
+    model.eval()
+    return auroc(torch.cat([model(chunk) for chunk in images.split(256)]), labels)
+
+
+def _nodule_lift(maps: Tensor, predicted: Tensor, data: Regime) -> float | None:
+    detected = (data.val.labels == 1) & (predicted == 1)
+    if not bool(detected.any()) or "lesion" not in data.val.masks:
+        return None
+    lesion = data.val.masks["lesion"][:, 0].float()
+    lift = float(mass_lift(maps[detected], lesion[detected]).nanmedian())
+    return None if math.isnan(lift) else lift
+
+
+def _linear_head_maps(model: BcosLinearClassifier, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Predictions and exact nodule contribution maps ``sum_c x~_c dz_1/dx~_c``."""
+    model.eval()
+    with explanation_mode(model):  # type: ignore[arg-type]
+        encoded = torch.cat([images, 1 - images], dim=1).requires_grad_(True)
+        logits = model.forward_encoded(encoded)
+        (gradient,) = torch.autograd.grad(logits[:, 1].sum(), encoded)
+    return logits.detach().argmax(1), (encoded * gradient).sum(1).detach()
+
+
+def train_one(model_name: str, data: Regime, *, epochs: int, seed: int) -> RunRecord:
+    """Train ``model_name`` on ``data`` for ``epochs`` and score it (preset/size filled later)."""
+    torch.manual_seed(seed)
+    lift: float | None = None
+    if model_name == "cnn":
+        model: nn.Module = plain_cnn()
+        curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=F.cross_entropy)
+    elif model_name == "bcos_linear":
+        model = BcosLinearClassifier()
+        curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=sic_loss)
+        predicted, maps = _linear_head_maps(model, data.val.images)
+        lift = _nodule_lift(maps, predicted, data)
+    elif model_name == "sic":
+        model = create_model("bcos_cnn_small", in_channels=1, num_classes=2)
+        history = train_sic(
+            model,
+            data.train.images,
+            data.train.labels,
+            TrainConfig(epochs=epochs, seed=seed),
+            val_images=data.val.images,
+            val_labels=data.val.labels,
+        )
+        curve = [float(record.val_auroc or math.nan) for record in history.epochs]
+        result = explain(model, data.val.images, target=torch.ones_like(data.val.labels))
+        lift = _nodule_lift(result.class_maps[:, 1], result.predicted, data)
+    else:
+        raise ValueError(f"model: expected one of {MODELS}, got {model_name!r}")
+    reached = [epoch for epoch, value in enumerate(curve, start=1) if value >= TARGET_AUROC]
+    return RunRecord(
+        model=model_name,
+        preset="",
+        size=0,
+        regime="",
+        seed=seed,
+        val_auroc=[round(value, 4) for value in curve],
+        epochs_to_0p9=reached[0] if reached else None,
+        best_auroc=max(curve),
+        held_out_auroc=_auroc(model, data.held_out.images, data.held_out.labels),
+        lesion_lift=lift,
+    )
+
+
+def _concat(splits: Iterable[SplitData]) -> SplitData:
+    splits = list(splits)
+    shared = [name for name in splits[0].masks if all(name in split.masks for split in splits)]
+    return SplitData(
+        images=torch.cat([split.images for split in splits]),
+        labels=torch.cat([split.labels for split in splits]),
+        masks={name: torch.cat([split.masks[name] for split in splits]) for name in shared},
+        has_mask={name: torch.cat([split.has_mask[name] for split in splits]) for name in shared},
+        patient_ids=[pid for split in splits for pid in split.patient_ids],
+        files=[file for split in splits for file in split.files],
+    )
+
+
+def load_regimes(root: Path) -> dict[str, Regime]:
+    """The ``site_a`` and ``pooled`` regimes of a SynthCXR folder."""
+    sites = {}
+    for name in (*TRAINING_SITES, HELD_OUT_SITE):
+        config = load_site_config(root / name / "site.yaml")
+        sites[name] = load_site_data(config)
+    held_out = _concat(sites[HELD_OUT_SITE].split(split) for split in ("train", "val", "test"))
+    return {
+        "site_a": Regime(sites["site_a"].split("train"), sites["site_a"].split("val"), held_out),
+        "pooled": Regime(
+            _concat(sites[name].split("train") for name in TRAINING_SITES),
+            _concat(sites[name].split("val") for name in TRAINING_SITES),
+            held_out,
+        ),
+    }
+
+
+def _epochs_score(records: list[RunRecord], budget: int) -> float:
+    return statistics.median(
+        record.epochs_to_0p9 if record.epochs_to_0p9 is not None else budget + 1
+        for record in records
+    )
+
+
+def summarise(records: list[RunRecord]) -> dict[str, object]:
+    """Per preset/size/regime/model medians and means, and the SIC-vs-CNN ratios."""
+    summary: dict[str, dict] = {}
+    ratios_auroc: dict[str, float] = {}
+    ratios_epochs: dict[str, float] = {}
+    groups: dict[tuple[str, int, str, str], list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault((record.preset, record.size, record.regime, record.model), []).append(
+            record
+        )
+    for (preset, size, regime, model), runs in groups.items():
+        lifts = [run.lesion_lift for run in runs if run.lesion_lift is not None]
+        summary.setdefault(preset, {}).setdefault(str(size), {}).setdefault(regime, {})[model] = {
+            "seeds": len(runs),
+            "reached_0p9": sum(run.epochs_to_0p9 is not None for run in runs),
+            "median_epochs_to_0p9": _epochs_score(runs, EPOCHS[preset]),
+            "mean_best_auroc": statistics.fmean(run.best_auroc for run in runs),
+            "mean_held_out_auroc": statistics.fmean(run.held_out_auroc for run in runs),
+            "median_lesion_lift": statistics.median(lifts) if lifts else None,
+        }
+    for preset, sizes in summary.items():
+        anchor = sizes.get(str(DEMO_SIZE), {}).get("site_a", {})
+        if "sic" in anchor and "cnn" in anchor:
+            ratios_auroc[preset] = (
+                anchor["sic"]["mean_best_auroc"] / anchor["cnn"]["mean_best_auroc"]
+            )
+            ratios_epochs[preset] = (
+                anchor["sic"]["median_epochs_to_0p9"] / anchor["cnn"]["median_epochs_to_0p9"]
+            )
+    return {
+        "summary": summary,
+        "sic_vs_cnn_auroc_ratio": ratios_auroc,
+        "sic_vs_cnn_epochs_to_0p9_ratio": ratios_epochs,
+    }
+
+
+def run(
+    *,
+    presets: Iterable[str] = PRESETS,
+    sizes: Iterable[int] = (DEMO_SIZE, 128),
+    regimes: Iterable[str] = REGIMES,
+    models: Iterable[str] = MODELS,
+    seeds: Iterable[int] = (0, 1, 2),
+    workdir: Path | None = None,
+) -> dict[str, object]:
+    """Train every combination and return the records and the summary (JSON-ready)."""
+    records: list[RunRecord] = []
+    with tempfile.TemporaryDirectory(prefix="sicfed-learning-", dir=workdir) as scratch:
+        for preset in presets:
+            for size in sizes:
+                root = generate_synthcxr(
+                    Path(scratch) / f"{preset}-{size}", preset=preset, size=size, seed=0
+                )
+                data = load_regimes(root)
+                for regime in regimes:
+                    for model in models:
+                        for seed in seeds:
+                            record = train_one(
+                                model, data[regime], epochs=EPOCHS[preset], seed=seed
+                            )
+                            record = RunRecord(
+                                **{
+                                    **asdict(record),
+                                    "preset": preset,
+                                    "size": size,
+                                    "regime": regime,
+                                }
+                            )
+                            console.print(
+                                f"{preset} {size}px {regime} {model} seed {seed}: "
+                                f"epochs to 0.9 {record.epochs_to_0p9}, "
+                                f"best {record.best_auroc:.3f}, "
+                                f"held-out {record.held_out_auroc:.3f}, "
+                                f"lift {record.lesion_lift}"
+                            )
+                            records.append(record)
+    return {
+        "epochs": {preset: EPOCHS[preset] for preset in presets},
+        **summarise(records),
+        "runs": [asdict(record) for record in records],
+    }
