@@ -266,7 +266,7 @@ def demo(
     sites: Annotated[
         int, typer.Option(min=1, max=3, help="Number of sites (SynthCXR A, B, C).")
     ] = 3,
-    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 4,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 5,
     size: Annotated[int, typer.Option(help="Image side in pixels (64 or 128).")] = 64,
     scale: Annotated[float, typer.Option(min=0.01, help="SynthCXR size multiplier.")] = 1.0,
     preset: Annotated[str, typer.Option(help="SynthCXR preset: easy, default or hard.")] = "easy",
