@@ -10,7 +10,7 @@ Examples
     python -m bench --only learning      # SIC vs a plain CNN on every preset, 64 and 128 px,
                                          # site_a and pooled, 3 seeds (hours on a CPU);
                                          # writes results/learning.json
-    python -m bench --only learning --sizes 64 --presets easy --seeds 2
+    python -m bench --only learning --sizes 64 --presets easy --regimes site_a --seeds 2
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ def main(
     sizes: Annotated[
         list[int] | None, typer.Option(help="learning: image sizes (default: 64 128)")
     ] = None,
+    regimes: Annotated[
+        list[str] | None, typer.Option(help="learning: site_a and/or pooled (default: both)")
+    ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="learning: seeds per combination")] = 3,
 ) -> None:
     """Run the benchmarks and record their figures."""
@@ -103,7 +106,7 @@ def main(
             f"unknown section(s) {unknown}; expected some of {SECTIONS + OPTIONAL_SECTIONS}"
         )
     if sections == ["learning"]:
-        _learning(chosen, out, presets=presets, sizes=sizes, seeds=seeds)
+        _learning(chosen, out, presets=presets, sizes=sizes, regimes=regimes, seeds=seeds)
         return
     figures: dict[str, float] = {}
     failed: dict[str, str] = {}
@@ -151,6 +154,7 @@ def _learning(
     *,
     presets: list[str] | None,
     sizes: list[int] | None,
+    regimes: list[str] | None,
     seeds: int,
 ) -> None:
     from bench import learning_bench
@@ -158,15 +162,18 @@ def _learning(
     if device.type != "cpu":
         console.print("[yellow]the learning section trains on the CPU[/]")
     chosen_presets = presets or list(learning_bench.PRESETS)
-    bad = sorted(set(chosen_presets) - set(learning_bench.PRESETS))
-    if bad:
-        raise typer.BadParameter(
-            f"unknown preset(s) {bad}; expected some of {learning_bench.PRESETS}",
-            param_hint="--presets",
-        )
+    chosen_regimes = regimes or list(learning_bench.REGIMES)
+    for hint, chosen, allowed in (
+        ("--presets", chosen_presets, learning_bench.PRESETS),
+        ("--regimes", chosen_regimes, learning_bench.REGIMES),
+    ):
+        bad = sorted(set(chosen) - set(allowed))
+        if bad:
+            raise typer.BadParameter(f"unknown {bad}; expected some of {allowed}", param_hint=hint)
     result = learning_bench.run(
         presets=chosen_presets,
         sizes=sizes or [learning_bench.DEMO_SIZE, 128],
+        regimes=chosen_regimes,
         seeds=range(seeds),
     )
     table = Table(title="SIC vs plain CNN (64 px, site_a)")
