@@ -47,6 +47,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
         "batch-size": 8,
         "min-sites": 2,
         "dp": True,
+        # One anchor round, so that round 2 asks for a private support release.
+        "anchor-rounds": 1,
         "run-dir": str(root / "out"),
         "round-timeout": 120.0,
         "node-wait": 5.0,

@@ -96,6 +96,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
     root = tmp_path_factory.mktemp("federation")
     synth = generate_synthcxr(root / "synth", preset="easy", size=SIZE, scale=0.1, seed=0)
     site_yamls = {name: synth / name / "site.yaml" for name in REAL_SITES}
+    # SynthCXR writes private site configs; site_a opts in to sharing example images (as the
+    # demo's synthetic sites do), so that both kinds of report are checked.
+    shared = yaml.safe_load(site_yamls["site_a"].read_text())
+    shared["reporting"] = {"share_example_images": True}
+    site_yamls["site_a"].write_text(yaml.safe_dump(shared))
     site_yamls["site_nonodule"] = derived_site(
         synth / "site_a", root / "nonodule", "site_nonodule", keep_label=0
     )

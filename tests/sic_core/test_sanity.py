@@ -58,7 +58,8 @@ def test_layers_run_from_input_to_output_and_pair_each_convolution_with_its_norm
         *(f"encoder.layers.{i}" for i in range(5)),
         "projection",
     ]
-    assert layers[0][1] == ["encoder.layers.0.0.linear", "encoder.layers.0.1"]
+    # index 0 of each block is its (parameter-free) padding
+    assert layers[0][1] == ["encoder.layers.0.1.linear", "encoder.layers.0.2"]
     resnet = create_model("bcos_resnet18", 1, 2, width=4, proj_dim=8)
     names = [name for name, _ in randomisation_layers(resnet)]
     assert names[0] == "encoder.stem.0" and names[-1] == "projection"
