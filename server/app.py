@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from server.audit import AuditEvent, AuditLog, actor_here, file_sha256, json_sha256
 from server.checkpoint import RunFiles
 from server.federation import run_federation
+from server.run_watch import ServerAppHeartbeat
 from server.settings import RunSettings
 from server.sites import SiteDirectory
 from server.strategy import SicStrategy, make_aggregator, with_central_dp
@@ -160,35 +161,42 @@ def main(grid: Grid, context: Context) -> None:
             params=settings.as_params(),
         )
         tracker.start()
-    files.write_status("running", rounds=settings.rounds)
+    # What `server run`, `status` and `resume` need to close the MLflow runs of a run that
+    # died without recording it (see server.run_watch).
+    tracking = {
+        "tracking_uri": settings.tracking_uri,
+        "mlflow_parent_run_id": tracker.parent_run_id if tracker is not None else "",
+    }
+    files.write_status("running", rounds=settings.rounds, **tracking)
     try:
-        run_federation(
-            grid,
-            strategy,
-            initial_arrays=arrays,
-            num_rounds=settings.rounds,
-            train_config=train_config,
-            evaluate_config=evaluate_config,
-            timeout=settings.round_timeout,
-            poll_interval=settings.poll_interval,
-            files=files,
-            tracker=tracker,
-            checkpoint_extra={
-                "model_config": model_config,
-                "run_config": settings.model_dump(by_alias=True),
-            },
-        )
+        with ServerAppHeartbeat(files):
+            run_federation(
+                grid,
+                strategy,
+                initial_arrays=arrays,
+                num_rounds=settings.rounds,
+                train_config=train_config,
+                evaluate_config=evaluate_config,
+                timeout=settings.round_timeout,
+                poll_interval=settings.poll_interval,
+                files=files,
+                tracker=tracker,
+                checkpoint_extra={
+                    "model_config": model_config,
+                    "run_config": settings.model_dump(by_alias=True),
+                },
+            )
     except BaseException as error:
         reason = error.reason if isinstance(error, SicfedError) else "server_error"
         log.exception("federation run %s failed (%s)", context.run_id, reason)
-        files.write_status("failed", reason=reason)
+        files.write_status("failed", reason=reason, **tracking)
         audit.append(
             AuditEvent.RUN_FAILED, actor=actor_here("serverapp"), details={"reason": reason}
         )
         if tracker is not None:
             tracker.finish("failed")
         raise
-    files.write_status("completed", rounds=settings.rounds)
+    files.write_status("completed", rounds=settings.rounds, **tracking)
     audit.append(
         AuditEvent.RUN_COMPLETED,
         actor=actor_here("serverapp"),

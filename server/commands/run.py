@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from server.audit import AuditEvent, AuditLog, actor_here
-from server.checkpoint import RunFiles
+from server.checkpoint import RunFiles, read_status
 from server.commands.start import DEFAULT_HOME
 from server.coordinator import Coordinator, follow_run, round_table, submit
-from server.flower_cli import stop_run
+from server.flower_cli import server_app_log, stop_run
+from server.processes import log_tail
+from server.run_watch import RunLostError, error_excerpt, mark_run_ended
 from server.settings import RunSettings
 from sic_core.errors import SicfedError
 
-__all__ = ["parse_overrides", "run"]
+__all__ = ["follow_to_the_end", "parse_overrides", "run"]
 
 console = Console()
 
@@ -53,7 +57,10 @@ def run(
     """Submit the SIC federation app with run-config overrides; stream the rounds.
 
     The run writes checkpoints under HOME/checkpoints/<run id>/ and logs to the coordinator's
-    MLflow server (parent run fed-<run id>, one child run per site).
+    MLflow server (parent run fed-<run id>, one child run per site). If the SuperLink or
+    the ServerApp dies, this exits 1 within 30 s with the cause and the ServerApp's error
+    (from `flwr log`), and marks the run failed in HOME/runs/<run id>/status.json and
+    MLflow.
 
     Examples
     --------
@@ -76,19 +83,73 @@ def run(
     audit.append(AuditEvent.RUN_SUBMITTED, actor=actor_here(), details={"overrides": overrides})
     if not follow:
         return
+    follow_to_the_end(coordinator, run_id, run_dir=run_dir, audit=audit, timeout=timeout)
+
+
+def follow_to_the_end(
+    coordinator: Coordinator, run_id: int, *, run_dir: Path, audit: AuditLog, timeout: float
+) -> None:
+    """Stream a run's rounds; exit non-zero with a one-line cause unless it completes.
+
+    The SuperLink process is checked every second and the ServerApp's heartbeat at every
+    poll, so a dead coordinator is noticed within seconds (instead of after ``timeout``). A
+    run that ends badly gets ``failed`` (or ``killed`` on Ctrl-C and timeout) in its
+    ``status.json`` and MLflow runs, and the ServerApp's error from Flower's log
+    (``flwr log``) is printed.
+    """
+    files = RunFiles(run_dir, run_id)
 
     def show(entry: dict[str, Any]) -> None:
         console.print(round_table([entry], title=f"run {run_id}, round {entry['round']}"))
 
     try:
-        outcome = follow_run(coordinator, run_id, run_dir=run_dir, on_round=show, timeout=timeout)
-    except (KeyboardInterrupt, SicfedError) as error:
-        console.print(f"stopping run {run_id} ({type(error).__name__})")
-        stop_run(run_id, coordinator.flwr_home)
-        audit.append(
-            AuditEvent.RUN_STOPPED, actor=actor_here(), details={"reason": type(error).__name__}
+        outcome = follow_run(
+            coordinator,
+            run_id,
+            run_dir=run_dir,
+            on_round=show,
+            timeout=timeout,
+            check=coordinator.check_superlink,
         )
+    except RunLostError as error:
+        mark_run_ended(files, "failed", f"run_lost: {error}")
+        audit.append(
+            AuditEvent.RUN_FAILED, actor=actor_here(), details={"reason": f"run_lost: {error}"}
+        )
+        _print_server_app_error(coordinator, run_id)
+        console.print(f"[red]error:[/] run {run_id} lost: {error}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except (KeyboardInterrupt, SicfedError) as error:
+        cause = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+        console.print(f"stopping run {run_id} ({cause})", soft_wrap=True)
+        with contextlib.suppress(SicfedError):
+            stop_run(run_id, coordinator.flwr_home)
+        mark_run_ended(files, "killed", f"stopped by server run: {cause}")
+        audit.append(AuditEvent.RUN_STOPPED, actor=actor_here(), details={"reason": cause})
         raise typer.Exit(1) from None
     console.print(round_table(outcome.rounds, title=f"run {run_id}: {outcome.status}"))
-    if outcome.status != "completed":
-        raise typer.Exit(1)
+    if outcome.status == "completed":
+        return
+    status = read_status(files.status_path) or {}
+    reason = str(status.get("reason", ""))
+    if status.get("status") != "failed":  # the ServerApp died before it could record it
+        reason = "serverapp_died: Flower ended the run but the ServerApp recorded no outcome"
+        mark_run_ended(files, "failed", reason)
+    _print_server_app_error(coordinator, run_id)
+    console.print(f"[red]error:[/] run {run_id} failed: {reason or 'unknown'}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _print_server_app_error(coordinator: Coordinator, run_id: int) -> None:
+    """Print the failing part of the ServerApp's log (``flwr log``, else the SuperLink log)."""
+    try:
+        text = server_app_log(run_id, coordinator.flwr_home)
+        source = f"flwr log {run_id}"
+    except SicfedError:
+        path = coordinator.logs / "superlink.log"
+        text = log_tail(path, lines=200)
+        source = str(path)
+    excerpt = error_excerpt(text)
+    if excerpt:
+        console.print(f"ServerApp log ({source}):", soft_wrap=True)
+        console.print(Text(excerpt), soft_wrap=True)
