@@ -537,6 +537,8 @@ class SicStrategy(Strategy):
                 outcomes.append(SiteOutcome(site=site, status="failed", reason="no_reply"))
         reported = {outcome.site for outcome in outcomes}
         for node in self._disconnected.get(phase, []):
+            if node not in self.sites.names:
+                continue  # the site came back under a new node id and answered as such
             site = self.sites.name_of(node)
             if site not in reported:
                 log.warning("%s round %d: site %s is not connected", phase, server_round, site)
