@@ -201,14 +201,16 @@ def main(grid: Grid, context: Context) -> None:
     }
     if resume is not None:
         tracking["resumed_from_round"] = resume.server_round
-    files.write_status("running", rounds=settings.rounds, **tracking)
     first_round = 1
     if resume is not None:
         # Last, so that nothing above draws from the RNGs the next round continues with.
         restore_rng_state(resume.state["rng"])
         first_round = resume.server_round + 1
     try:
+        # Beating before "running" is written: a follower never sees a running run with a
+        # stale heartbeat (a killed ServerApp leaves its last one behind).
         with ServerAppHeartbeat(files):
+            files.write_status("running", rounds=settings.rounds, **tracking)
             run_federation(
                 grid,
                 strategy,

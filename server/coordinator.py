@@ -40,7 +40,7 @@ from server.processes import (
     wait_http_ok,
     write_connection,
 )
-from server.run_watch import RunLostError, liveness_problem
+from server.run_watch import RunLostError, liveness_problem, strip_ansi
 from server.staging import stage_app
 from server.tls import TlsFiles
 from sic_core.errors import SicfedError
@@ -123,7 +123,7 @@ class Coordinator:
         if self.superlink_alive():
             return
         info = self.recorded_processes().get("superlink", {})
-        last = log_tail(Path(info["log"]), lines=1) if info.get("log") else ""
+        last = strip_ansi(log_tail(Path(info["log"]), lines=1)) if info.get("log") else ""
         raise RunLostError(
             f"the SuperLink (pid {info.get('pid', '?')}) is not running"
             + (f"; its log ends with: {last.strip()}" if last.strip() else "")
@@ -320,6 +320,7 @@ def follow_run(
     poll_interval: float = 1.0,
     flower_poll_interval: float = 5.0,
     unreachable_after: float = 20.0,
+    log_run_id: int | None = None,
 ) -> RunOutcome:
     """Wait for a run to finish, calling ``on_round`` for each round as it completes.
 
@@ -343,6 +344,9 @@ def follow_run(
         Seconds between two ``flwr list`` calls.
     unreachable_after
         Seconds the SuperLink may fail to answer ``flwr list`` before the run counts as lost.
+    log_run_id
+        The run whose files the ServerApp writes (a resumed run writes into the original
+        run's); default ``run_id``.
 
     Raises
     ------
@@ -352,7 +356,7 @@ def follow_run(
     ProcessStartError
         When ``timeout`` passes.
     """
-    files = RunFiles(run_dir, run_id)
+    files = RunFiles(run_dir, log_run_id or run_id)
     seen = 0
     started = time.monotonic()
     last_flower_check = -flower_poll_interval
@@ -364,6 +368,9 @@ def follow_run(
             on_round(entry)
         seen = len(rounds)
         status = read_status(files.status_path) or {}
+        # Before asking Flower: `flwr list` against a dead SuperLink takes seconds to fail.
+        if check is not None:
+            check()
         now = time.monotonic()
         if now - last_flower_check >= flower_poll_interval:
             last_flower_check = now
@@ -389,8 +396,6 @@ def follow_run(
             cause = liveness_problem(files, superlink_alive=True)
             if cause is not None:
                 raise RunLostError(cause)
-        if check is not None:
-            check()
         if now - started > timeout:
             raise ProcessStartError(f"run {run_id} did not finish within {timeout:.0f} s")
         time.sleep(poll_interval)

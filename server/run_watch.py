@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "liveness_problem",
     "mark_run_ended",
     "reconcile_runs",
+    "strip_ansi",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ HEARTBEAT_INTERVAL = 5.0
 HEARTBEAT_STALE_AFTER = 20.0
 
 EndStatus = Literal["failed", "killed"]
+
+#: Terminal colour codes, as Flower writes them into its logs.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class RunLostError(SicfedError):
@@ -82,6 +87,7 @@ class ServerAppHeartbeat:
 
     def __enter__(self) -> ServerAppHeartbeat:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()  # fresh before the caller goes on (an old one may be left over)
         self._thread.start()
         return self
 
@@ -141,25 +147,23 @@ def liveness_problem(
     return None
 
 
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal colour codes."""
+    return _ANSI_ESCAPE.sub("", text)
+
+
 def error_excerpt(log_text: str, *, max_lines: int = 15) -> str:
-    """The part of a ServerApp log that says why it failed.
+    """The part of a ServerApp log that says why it failed ('' if it names no error).
 
     From the last traceback (or, without one, the last ``ERROR`` line) to the end, at most
-    ``max_lines`` lines; the last ``max_lines`` lines when the log has neither.
+    ``max_lines`` lines, without colour codes.
     """
-    lines = log_text.rstrip().splitlines()
-    start = max(len(lines) - max_lines, 0)
-    for index in range(len(lines) - 1, -1, -1):
-        if "Traceback (most recent call last)" in lines[index]:
-            start = index
-            break
-    else:
-        for index in range(len(lines) - 1, -1, -1):
-            if "ERROR" in lines[index]:
-                start = index
-                break
-    excerpt = lines[start:]
-    return "\n".join(excerpt[-max_lines:])
+    lines = strip_ansi(log_text).rstrip().splitlines()
+    for marker in ("Traceback (most recent call last)", "ERROR"):
+        starts = [index for index, line in enumerate(lines) if marker in line]
+        if starts:
+            return "\n".join(lines[starts[-1] :][-max_lines:])
+    return ""
 
 
 def mark_run_ended(files: RunFiles, status: EndStatus, reason: str) -> None:

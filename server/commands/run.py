@@ -87,7 +87,13 @@ def run(
 
 
 def follow_to_the_end(
-    coordinator: Coordinator, run_id: int, *, run_dir: Path, audit: AuditLog, timeout: float
+    coordinator: Coordinator,
+    run_id: int,
+    *,
+    run_dir: Path,
+    audit: AuditLog,
+    timeout: float,
+    log_run_id: int | None = None,
 ) -> None:
     """Stream a run's rounds; exit non-zero with a one-line cause unless it completes.
 
@@ -95,9 +101,10 @@ def follow_to_the_end(
     poll, so a dead coordinator is noticed within seconds (instead of after ``timeout``). A
     run that ends badly gets ``failed`` (or ``killed`` on Ctrl-C and timeout) in its
     ``status.json`` and MLflow runs, and the ServerApp's error from Flower's log
-    (``flwr log``) is printed.
+    (``flwr log``) is printed. ``log_run_id`` is the run whose files the ServerApp writes
+    (a resumed run writes into the original run's).
     """
-    files = RunFiles(run_dir, run_id)
+    files = RunFiles(run_dir, log_run_id or run_id)
 
     def show(entry: dict[str, Any]) -> None:
         console.print(round_table([entry], title=f"run {run_id}, round {entry['round']}"))
@@ -110,6 +117,7 @@ def follow_to_the_end(
             on_round=show,
             timeout=timeout,
             check=coordinator.check_superlink,
+            log_run_id=log_run_id,
         )
     except RunLostError as error:
         mark_run_ended(files, "failed", f"run_lost: {error}")

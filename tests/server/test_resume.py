@@ -5,17 +5,22 @@ in-process FakeGrid)."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from typer.testing import CliRunner
 
 from client.app import app as client_app
 from server.app import main
 from server.audit import verify_audit_log
 from server.checkpoint import RunFiles, load_checkpoint, read_rounds, read_status
+from server.cli import app as cli
+from server.coordinator import Coordinator
+from server.processes import ProcessGroup
 from server.resume import find_resume_point
 from server.settings import RunSettings
 from sic_core.errors import ConfigError
@@ -23,6 +28,7 @@ from sic_core.wire import RecordKey
 from tests.server.fedkit import FakeGrid, server_identity, write_site
 from tests.server.test_federation import run_config_defaults
 
+runner = CliRunner()
 RUN_ID = 7
 RESUMED_RUN_ID = 8
 ROUNDS = 2
@@ -139,3 +145,31 @@ def test_resume_run_is_a_run_config_key() -> None:
     assert RunSettings.from_run_config({"resume-run": 4}).resume_run == 4
     with pytest.raises(ConfigError, match="resume-run"):
         RunSettings.from_run_config({"resume-run": -1})
+
+
+def _superlink_running(home: Path, group: ProcessGroup) -> None:
+    """A stand-in process recorded as the coordinator's SuperLink."""
+    group.start(
+        "superlink",
+        [sys.executable, "-c", "import time; time.sleep(600)"],
+        log_path=home / "logs" / "superlink.log",
+        env=None,
+    )
+    group.write_pid_file(Coordinator(home).pid_file)
+
+
+def test_resume_cli_needs_a_running_superlink(tmp_path: Path) -> None:
+    result = runner.invoke(cli, ["resume", "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "server start" in result.output
+
+
+def test_resume_cli_names_what_it_cannot_resume(tmp_path: Path) -> None:
+    for run_id, status in ((3, "completed"), (4, "killed")):
+        RunFiles(tmp_path, run_id).write_status(status, rounds=2)
+    with ProcessGroup() as group:
+        _superlink_running(tmp_path, group)
+        result = runner.invoke(cli, ["resume", "--home", str(tmp_path), "3"])
+        assert result.exit_code == 1 and "run 3 ended completed: nothing to resume" in result.output
+        result = runner.invoke(cli, ["resume", "--home", str(tmp_path)], env={"COLUMNS": "300"})
+        assert result.exit_code == 1, result.output
+        assert "resume-run 4: no complete round to resume from" in result.output

@@ -82,7 +82,10 @@ def test_heartbeat_tells_a_live_serverapp_from_a_dead_one(tmp_path: Path) -> Non
 def test_error_excerpt_keeps_the_serverapp_traceback() -> None:
     excerpt = error_excerpt(SERVERAPP_LOG)
     assert excerpt.startswith("Traceback") and excerpt.endswith("does not exist")
-    assert error_excerpt("INFO : a\nERROR : boom\nINFO : b") == "ERROR : boom\nINFO : b"
+    assert (
+        error_excerpt("INFO : a\n\x1b[91mERROR\x1b[0m : boom\nINFO : b") == "ERROR : boom\nINFO : b"
+    )
+    assert error_excerpt("INFO : a\nWARNING : retrying") == ""  # nothing to show
 
 
 def test_follow_run_notices_a_dead_superlink_at_once(
