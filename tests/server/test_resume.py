@@ -9,20 +9,23 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from typer.testing import CliRunner
 
 from client.app import app as client_app
-from server.app import main
+from server.app import build_strategy, main
 from server.audit import verify_audit_log
 from server.checkpoint import RunFiles, load_checkpoint, read_rounds, read_status
 from server.cli import app as cli
 from server.coordinator import Coordinator
 from server.processes import ProcessGroup
-from server.resume import find_resume_point
+from server.resume import find_resume_point, restore_strategy
 from server.settings import RunSettings
+from server.strategy import base_aggregator
+from server.update_bound import UpdateNormBound
 from sic_core.errors import ConfigError
 from sic_core.wire import RecordKey
 from tests.server.fedkit import FakeGrid, server_identity, write_site
@@ -173,3 +176,33 @@ def test_resume_cli_names_what_it_cannot_resume(tmp_path: Path) -> None:
         result = runner.invoke(cli, ["resume", "--home", str(tmp_path)], env={"COLUMNS": "300"})
         assert result.exit_code == 1, result.output
         assert "resume-run 4: no complete round to resume from" in result.output
+
+
+def test_restore_strategy_brings_back_the_server_state() -> None:
+    """FedAdam's moments, the update-bound history, the support set and the site names."""
+    settings = RunSettings.from_run_config({"strategy": "fedadam", "n-shot": 2, "proj-dim": 4})
+    before = build_strategy(settings)
+    adam = base_aggregator(before.aggregator)
+    adam.m_t = {"w": np.full((2, 3), 0.5, np.float32)}
+    adam.v_t = {"w": np.full((2, 3), 0.25, np.float32)}
+    before.update_bound = UpdateNormBound(3.0, history=[[1.0, 2.0], [1.5]])
+    before.sites.learn(101, "site_a")
+    labels = torch.tensor([0, 0, 1, 1])
+    state = {
+        "aggregator": type(before.aggregator).__name__,
+        "aggregator_state": before.aggregator_state(),
+        "update_norm_history": before.update_bound.history,
+        "support_vectors": torch.arange(16, dtype=torch.float32).reshape(4, 4),
+        "support_labels": labels,
+        "sites": before.sites.names,
+    }
+    after = build_strategy(settings)
+    restore_strategy(after, state)
+    restored = base_aggregator(after.aggregator)
+    np.testing.assert_array_equal(restored.m_t["w"], adam.m_t["w"])
+    np.testing.assert_array_equal(restored.v_t["w"], adam.v_t["w"])
+    assert after.update_bound.history == [[1.0, 2.0], [1.5]]
+    assert torch.equal(after.support.vectors, state["support_vectors"])
+    assert after.sites.name_of(101) == "site_a"
+    with pytest.raises(ConfigError, match="aggregator 'FedAvg' is not the run's 'FedAdam'"):
+        restore_strategy(after, {**state, "aggregator": "FedAvg"})
