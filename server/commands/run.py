@@ -140,7 +140,10 @@ def follow_to_the_end(
         return
     status = read_status(files.status_path) or {}
     reason = str(status.get("reason", ""))
-    if status.get("status") != "failed":  # the ServerApp died before it could record it
+    if not status:
+        reason = "serverapp_failed: the ServerApp stopped before its first round"
+        mark_run_ended(files, "failed", reason)
+    elif status.get("status") != "failed":  # the ServerApp died before it could record it
         reason = "serverapp_died: Flower ended the run but the ServerApp recorded no outcome"
         mark_run_ended(files, "failed", reason)
     _print_server_app_error(coordinator, run_id)

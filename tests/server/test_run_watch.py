@@ -274,3 +274,30 @@ def test_status_sees_a_site_that_missed_a_heartbeat(tmp_path: Path) -> None:
     assert beat.seconds_since < 5 and not beat.lost
     later = read_heartbeats(database, now=time.time() + 31)[node]
     assert later.lost and later.seconds_since > 30
+
+
+def test_a_serverapp_that_raised_shows_its_error_from_flwr_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(coordinator_module, "run_info", lambda *_: {"status": "finished:failed"})
+    monkeypatch.setattr(run_command, "server_app_log", lambda *_: SERVERAPP_LOG)
+    printed_to = io.StringIO()
+    monkeypatch.setattr(run_command, "console", Console(file=printed_to, width=300))
+    coordinator = Coordinator(tmp_path)
+    files = RunFiles(tmp_path, RUN_ID)
+    with ProcessGroup() as group, pytest.raises(typer.Exit) as exit_info:
+        _sleeper(group, "superlink", tmp_path)
+        group.write_pid_file(coordinator.pid_file)
+        run_command.follow_to_the_end(
+            coordinator,
+            RUN_ID,
+            run_dir=tmp_path,
+            audit=run_command.AuditLog(files.audit_path, RUN_ID),
+            timeout=60,
+        )
+    printed = printed_to.getvalue()
+    assert exit_info.value.exit_code == 1
+    assert f"ServerApp log (flwr log {RUN_ID})" in printed
+    assert "ConfigError: initial-weights: file /srv/w.pt does not exist" in printed
+    assert printed.rstrip().splitlines()[-1].startswith(f"error: run {RUN_ID} failed:")
+    assert read_status(files.status_path)["status"] == "failed"
