@@ -33,6 +33,7 @@ __all__ = [
     "RunLostError",
     "ServerAppHeartbeat",
     "error_excerpt",
+    "exception_line",
     "heartbeat_age",
     "liveness_problem",
     "mark_run_ended",
@@ -52,6 +53,8 @@ EndStatus = Literal["failed", "killed"]
 
 #: Terminal colour codes, as Flower writes them into its logs.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+#: The last line of a Python traceback: ``package.module.SomeError: message``.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\w*: .+")
 
 
 class RunLostError(SicfedError):
@@ -164,6 +167,14 @@ def error_excerpt(log_text: str, *, max_lines: int = 15) -> str:
         if starts:
             return "\n".join(lines[starts[-1] :][-max_lines:])
     return ""
+
+
+def exception_line(log_text: str) -> str | None:
+    """The last ``SomeError: message`` line of a log (the exception that ended a traceback)."""
+    for line in reversed(strip_ansi(log_text).splitlines()):
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()
+    return None
 
 
 def mark_run_ended(files: RunFiles, status: EndStatus, reason: str) -> None:

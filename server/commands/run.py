@@ -17,7 +17,7 @@ from server.commands.start import DEFAULT_HOME
 from server.coordinator import Coordinator, follow_run, round_table, submit
 from server.flower_cli import server_app_log, stop_run
 from server.processes import log_tail
-from server.run_watch import RunLostError, error_excerpt, mark_run_ended
+from server.run_watch import RunLostError, error_excerpt, exception_line, mark_run_ended
 from server.settings import RunSettings
 from sic_core.errors import SicfedError
 
@@ -125,7 +125,7 @@ def follow_to_the_end(
             AuditEvent.RUN_FAILED, actor=actor_here(), details={"reason": f"run_lost: {error}"}
         )
         _print_server_app_error(coordinator, run_id)
-        console.print(f"[red]error:[/] run {run_id} lost: {error}", soft_wrap=True)
+        console.print(Text(f"error: run {run_id} lost: {error}", style="red"), soft_wrap=True)
         raise typer.Exit(1) from None
     except (KeyboardInterrupt, SicfedError) as error:
         cause = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
@@ -146,13 +146,17 @@ def follow_to_the_end(
     elif status.get("status") != "failed":  # the ServerApp died before it could record it
         reason = "serverapp_died: Flower ended the run but the ServerApp recorded no outcome"
         mark_run_ended(files, "failed", reason)
-    _print_server_app_error(coordinator, run_id)
-    console.print(f"[red]error:[/] run {run_id} failed: {reason or 'unknown'}", soft_wrap=True)
+    exception = _print_server_app_error(coordinator, run_id)
+    cause = f"{reason or 'unknown'}" + (f" ({exception})" if exception else "")
+    console.print(Text(f"error: run {run_id} failed: {cause}", style="red"), soft_wrap=True)
     raise typer.Exit(1)
 
 
-def _print_server_app_error(coordinator: Coordinator, run_id: int) -> None:
-    """Print the failing part of the ServerApp's log (``flwr log``, else the SuperLink log)."""
+def _print_server_app_error(coordinator: Coordinator, run_id: int) -> str | None:
+    """Print the failing part of the ServerApp's log (``flwr log``, else the SuperLink log).
+
+    Returns the exception that ended it (``SomeError: message``), if the log names one.
+    """
     try:
         text = server_app_log(run_id, coordinator.flwr_home)
         source = f"flwr log {run_id}"
@@ -164,3 +168,4 @@ def _print_server_app_error(coordinator: Coordinator, run_id: int) -> None:
     if excerpt:
         console.print(f"ServerApp log ({source}):", soft_wrap=True)
         console.print(Text(excerpt), soft_wrap=True)
+    return exception_line(excerpt)

@@ -27,6 +27,7 @@ from server.run_watch import (
     RunLostError,
     ServerAppHeartbeat,
     error_excerpt,
+    exception_line,
     liveness_problem,
     mark_run_ended,
     reconcile_runs,
@@ -86,6 +87,9 @@ def test_error_excerpt_keeps_the_serverapp_traceback() -> None:
         error_excerpt("INFO : a\n\x1b[91mERROR\x1b[0m : boom\nINFO : b") == "ERROR : boom\nINFO : b"
     )
     assert error_excerpt("INFO : a\nWARNING : retrying") == ""  # nothing to show
+    assert exception_line(SERVERAPP_LOG + "ERROR : Exit Code: 201\n") == (
+        "sic_core.errors.ConfigError: initial-weights: file /srv/w.pt does not exist"
+    )
 
 
 def test_follow_run_notices_a_dead_superlink_at_once(
@@ -299,5 +303,8 @@ def test_a_serverapp_that_raised_shows_its_error_from_flwr_log(
     assert exit_info.value.exit_code == 1
     assert f"ServerApp log (flwr log {RUN_ID})" in printed
     assert "ConfigError: initial-weights: file /srv/w.pt does not exist" in printed
-    assert printed.rstrip().splitlines()[-1].startswith(f"error: run {RUN_ID} failed:")
+    assert printed.rstrip().splitlines()[-1] == (
+        f"error: run {RUN_ID} failed: serverapp_failed: the ServerApp stopped before its first "
+        "round (sic_core.errors.ConfigError: initial-weights: file /srv/w.pt does not exist)"
+    )
     assert read_status(files.status_path)["status"] == "failed"
