@@ -53,14 +53,18 @@ def stop(
             kept[name] = info
             continue
         pid = int(info["pid"])
-        if pid_alive(pid):
+        was_running = pid_alive(pid)
+        if was_running:
             stop_pid_group(pid)
             console.print(f"stopped {name} (pid {pid})")
         else:
             console.print(f"{name} (pid {pid}) was not running")
         if name == "superlink":
+            # Runs of a SuperLink that had crashed before died of the crash, not of `stop`.
             for line in reconcile_runs(
-                coordinator.home, superlink_alive=False, stopped_by="server stop"
+                coordinator.home,
+                superlink_alive=False,
+                stopped_by="server stop" if was_running else None,
             ):
                 console.print(line)
     if kept:

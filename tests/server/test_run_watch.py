@@ -251,9 +251,12 @@ def test_stop_keep_mlflow_restarts_only_the_superlink(tmp_path: Path) -> None:
         superlink = _sleeper(group, "superlink", tmp_path)
         group.write_pid_file(coordinator.pid_file)
         coordinator.address_file.write_text("{}")
+        files = _running_run(tmp_path)
         result = runner.invoke(app, ["stop", "--home", str(tmp_path), "--keep-mlflow"])
         assert result.exit_code == 0, result.output
         assert not pid_alive(superlink) and pid_alive(mlflow)
+        status = read_status(files.status_path)
+        assert (status["status"], status["reason"]) == ("killed", "stopped by server stop")
         assert set(coordinator.recorded_processes()) == {"mlflow"}
         assert coordinator.address_file.exists()  # `start` reuses MLflow's address
         coordinator.pid_file.write_text(json.dumps({"superlink": {"pid": mlflow, "log": "x"}}))
