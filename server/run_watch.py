@@ -35,6 +35,7 @@ __all__ = [
     "error_excerpt",
     "exception_line",
     "heartbeat_age",
+    "heartbeat_path",
     "liveness_problem",
     "mark_run_ended",
     "reconcile_runs",
