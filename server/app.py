@@ -18,8 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from server.audit import AuditEvent, AuditLog, actor_here, file_sha256, json_sha256
-from server.checkpoint import RunFiles
+from server.checkpoint import RunFiles, restore_rng_state
 from server.federation import run_federation
+from server.resume import find_resume_point, restore_strategy, resumed_settings, round_arrays
+from server.run_watch import ServerAppHeartbeat
 from server.settings import RunSettings
 from server.sites import SiteDirectory
 from server.strategy import SicStrategy, make_aggregator, with_central_dp
@@ -133,62 +135,110 @@ def build_strategy(settings: RunSettings, sites: SiteDirectory | None = None) ->
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run one federation as configured by ``context.run_config``."""
+    """Run one federation as configured by ``context.run_config``.
+
+    With ``resume-run`` set, continue that run after its last complete round instead
+    (:mod:`server.resume`).
+    """
     settings = RunSettings.from_run_config(dict(context.run_config))
+    resume = None
+    if settings.resume_run:
+        resume = find_resume_point(RunFiles(settings.resolved_run_dir(), settings.resume_run))
+        settings = resumed_settings(resume, settings)
     random.seed(settings.seed)
     np.random.seed(settings.seed)
-    arrays, model_config = initial_weights(settings)
+    if resume is None:
+        arrays, model_config = initial_weights(settings)
+    else:
+        arrays, model_config = round_arrays(resume.state), dict(resume.state["model_config"])
     strategy = build_strategy(settings)
     strategy.support = anchor_support(
         settings.num_classes, settings.n_shot, settings.proj_dim, seed=settings.seed
     )
+    if resume is not None:
+        restore_strategy(strategy, resume.state)
     strategy.summary()
     train_config, evaluate_config = round_configs(settings)
-    files = RunFiles(settings.resolved_run_dir(), context.run_id)
-    audit = AuditLog(files.audit_path, context.run_id)
-    audit.append(
-        AuditEvent.RUN_STARTED,
-        actor=actor_here("serverapp"),
-        details=_start_details(settings, grid),
-    )
+    # A resumed run goes on writing into the original run's files, audit log and MLflow runs.
+    files = RunFiles(settings.resolved_run_dir(), settings.resume_run or context.run_id)
+    audit = AuditLog(files.audit_path, files.run_id)
+    if resume is None:
+        audit.append(
+            AuditEvent.RUN_STARTED,
+            actor=actor_here("serverapp"),
+            details=_start_details(settings, grid),
+        )
+    else:
+        audit.append(
+            AuditEvent.RUN_RESUMED,
+            actor=actor_here("serverapp"),
+            details={
+                "from_round": resume.server_round,
+                "checkpoint_sha256": file_sha256(resume.checkpoint_path),
+                "flower_run_id": str(context.run_id),
+                "app_hash": grid.run.fab_hash,
+            },
+        )
     tracker = None
     if settings.tracking_uri:
         tracker = MlflowTracker(
             settings.tracking_uri,
             settings.study,
-            run_name=f"fed-{context.run_id}",
+            run_name=f"fed-{files.run_id}",
             params=settings.as_params(),
         )
-        tracker.start()
-    files.write_status("running", rounds=settings.rounds)
+        if resume is None:
+            tracker.start()
+        else:
+            mlflow_ids = resume.state.get("mlflow") or {}
+            tracker.resume(mlflow_ids["parent_run_id"], mlflow_ids.get("site_run_ids", {}))
+    # What `server run`, `status` and `resume` need to close the MLflow runs of a run that
+    # died without recording it (see server.run_watch).
+    tracking = {
+        "tracking_uri": settings.tracking_uri,
+        "mlflow_parent_run_id": tracker.parent_run_id if tracker is not None else "",
+        "flower_run_id": str(context.run_id),
+    }
+    if resume is not None:
+        tracking["resumed_from_round"] = resume.server_round
+    first_round = 1
+    if resume is not None:
+        # Last, so that nothing above draws from the RNGs the next round continues with.
+        restore_rng_state(resume.state["rng"])
+        first_round = resume.server_round + 1
     try:
-        run_federation(
-            grid,
-            strategy,
-            initial_arrays=arrays,
-            num_rounds=settings.rounds,
-            train_config=train_config,
-            evaluate_config=evaluate_config,
-            timeout=settings.round_timeout,
-            poll_interval=settings.poll_interval,
-            files=files,
-            tracker=tracker,
-            checkpoint_extra={
-                "model_config": model_config,
-                "run_config": settings.model_dump(by_alias=True),
-            },
-        )
+        # Beating before "running" is written: a follower never sees a running run with a
+        # stale heartbeat (a killed ServerApp leaves its last one behind).
+        with ServerAppHeartbeat(files):
+            files.write_status("running", rounds=settings.rounds, **tracking)
+            run_federation(
+                grid,
+                strategy,
+                initial_arrays=arrays,
+                num_rounds=settings.rounds,
+                first_round=first_round,
+                train_config=train_config,
+                evaluate_config=evaluate_config,
+                timeout=settings.round_timeout,
+                poll_interval=settings.poll_interval,
+                files=files,
+                tracker=tracker,
+                checkpoint_extra={
+                    "model_config": model_config,
+                    "run_config": settings.model_dump(by_alias=True),
+                },
+            )
     except BaseException as error:
         reason = error.reason if isinstance(error, SicfedError) else "server_error"
         log.exception("federation run %s failed (%s)", context.run_id, reason)
-        files.write_status("failed", reason=reason)
+        files.write_status("failed", reason=reason, **tracking)
         audit.append(
             AuditEvent.RUN_FAILED, actor=actor_here("serverapp"), details={"reason": reason}
         )
         if tracker is not None:
             tracker.finish("failed")
         raise
-    files.write_status("completed", rounds=settings.rounds)
+    files.write_status("completed", rounds=settings.rounds, **tracking)
     audit.append(
         AuditEvent.RUN_COMPLETED,
         actor=actor_here("serverapp"),

@@ -1,4 +1,4 @@
-"""The coordinator CLI: ``python -m server start | run | status | stop | demo | report | audit``.
+"""The coordinator CLI: ``python -m server start | run | resume | status | stop | ...``.
 
 Examples
 --------
@@ -15,6 +15,11 @@ Operate a deployment::
     python -m server run --home /srv/sicfed --set rounds=10 --set strategy=fedprox
     python -m server status --home /srv/sicfed
     python -m server stop --home /srv/sicfed
+
+After a crash: restart the SuperLink (MLflow is reused) and continue the run::
+
+    python -m server start --home /srv/sicfed --host 0.0.0.0
+    python -m server resume --home /srv/sicfed
 
 Rebuild a run's per-site reports and federation summary from MLflow::
 
@@ -35,6 +40,7 @@ from server.commands.certs import certs
 from server.commands.demo import demo
 from server.commands.register_site import register_site
 from server.commands.report import report
+from server.commands.resume import resume
 from server.commands.run import run
 from server.commands.start import start
 from server.commands.status import status
@@ -51,6 +57,7 @@ app.command("start")(start)
 app.command("register-site")(register_site)
 app.command("app-hash")(app_hash)
 app.command("run")(run)
+app.command("resume")(resume)
 app.command("status")(status)
 app.command("stop")(stop)
 app.command("demo")(demo)

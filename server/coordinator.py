@@ -15,7 +15,6 @@ A coordinator home folder holds everything of one federation deployment::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import sys
@@ -35,10 +34,13 @@ from server.processes import (
     ProcessGroup,
     ProcessStartError,
     flower_env,
+    log_tail,
+    pid_alive,
     venv_bin,
     wait_http_ok,
     write_connection,
 )
+from server.run_watch import RunLostError, liveness_problem, strip_ansi
 from server.staging import stage_app
 from server.tls import TlsFiles
 from sic_core.errors import SicfedError
@@ -110,6 +112,22 @@ class Coordinator:
         if not self.pid_file.exists():
             return {}
         return dict(json.loads(self.pid_file.read_text()))
+
+    def superlink_alive(self) -> bool:
+        """Whether the SuperLink that ``start`` recorded is running."""
+        info = self.recorded_processes().get("superlink")
+        return info is not None and pid_alive(int(info["pid"]))
+
+    def check_superlink(self) -> None:
+        """Raise :class:`RunLostError` naming the SuperLink's last log line if it is gone."""
+        if self.superlink_alive():
+            return
+        info = self.recorded_processes().get("superlink", {})
+        last = strip_ansi(log_tail(Path(info["log"]), lines=1)) if info.get("log") else ""
+        raise RunLostError(
+            f"the SuperLink (pid {info.get('pid', '?')}) is not running"
+            + (f"; its log ends with: {last.strip()}" if last.strip() else "")
+        )
 
 
 def start_mlflow(group: ProcessGroup, mlflow_dir: Path, *, port: int, log_path: Path) -> str:
@@ -300,6 +318,9 @@ def follow_run(
     timeout: float,
     check: Callable[[], None] | None = None,
     poll_interval: float = 1.0,
+    flower_poll_interval: float = 5.0,
+    unreachable_after: float = 20.0,
+    log_run_id: int | None = None,
 ) -> RunOutcome:
     """Wait for a run to finish, calling ``on_round`` for each round as it completes.
 
@@ -316,12 +337,30 @@ def follow_run(
     timeout
         Seconds before giving up (the run is then stopped by the caller).
     check
-        Called every poll; raise to abort (e.g. a site process died).
+        Called every poll; raise to abort (e.g. the SuperLink process died).
+    poll_interval
+        Seconds between two looks at the run's files.
+    flower_poll_interval
+        Seconds between two ``flwr list`` calls.
+    unreachable_after
+        Seconds the SuperLink may fail to answer ``flwr list`` before the run counts as lost.
+    log_run_id
+        The run whose files the ServerApp writes (a resumed run writes into the original
+        run's); default ``run_id``.
+
+    Raises
+    ------
+    RunLostError
+        When the ServerApp's heartbeat goes stale while ``status.json`` says ``running``,
+        or the SuperLink does not answer for ``unreachable_after`` seconds.
+    ProcessStartError
+        When ``timeout`` passes.
     """
-    files = RunFiles(run_dir, run_id)
+    files = RunFiles(run_dir, log_run_id or run_id)
     seen = 0
     started = time.monotonic()
-    last_flower_check = 0.0
+    last_flower_check = -flower_poll_interval
+    last_answer = started
     flower_status = ""
     while True:
         rounds = read_rounds(files.rounds_path)
@@ -329,23 +368,34 @@ def follow_run(
             on_round(entry)
         seen = len(rounds)
         status = read_status(files.status_path) or {}
+        # Before asking Flower: `flwr list` against a dead SuperLink takes seconds to fail.
+        if check is not None:
+            check()
         now = time.monotonic()
-        if now - last_flower_check > 5.0:
+        if now - last_flower_check >= flower_poll_interval:
             last_flower_check = now
-            with contextlib.suppress(SicfedError):
+            try:
                 flower_status = str(run_info(run_id, coordinator.flwr_home).get("status", ""))
+                last_answer = now
+            except SicfedError as error:
+                if now - last_answer > unreachable_after:
+                    raise RunLostError(
+                        f"the SuperLink has not answered for {now - last_answer:.0f} s: {error}"
+                    ) from None
         if flower_status.startswith("finished"):
             final = read_rounds(files.rounds_path)
             for entry in final[seen:]:
                 on_round(entry)
-            outcome = status.get("status", "failed")
+            outcome = (read_status(files.status_path) or {}).get("status", "failed")
             # A ServerApp killed from outside ends "completed" in Flower's eyes but never
             # records its own outcome (status.json still says "running").
             if not flower_status.endswith("completed") or outcome != "completed":
                 outcome = "failed"
             return RunOutcome(run_id, outcome, final, now - started)
-        if check is not None:
-            check()
+        if status.get("status") == "running":
+            cause = liveness_problem(files, superlink_alive=True)
+            if cause is not None:
+                raise RunLostError(cause)
         if now - started > timeout:
             raise ProcessStartError(f"run {run_id} did not finish within {timeout:.0f} s")
         time.sleep(poll_interval)

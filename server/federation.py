@@ -195,6 +195,7 @@ def run_federation(
     *,
     initial_arrays: ArrayRecord,
     num_rounds: int,
+    first_round: int = 1,
     train_config: ConfigRecord,
     evaluate_config: ConfigRecord,
     timeout: float,
@@ -215,7 +216,9 @@ def run_federation(
     initial_arrays
         Initial global weights (support buffers excluded).
     num_rounds
-        Rounds to run.
+        The run's last round.
+    first_round
+        The round to start with (a resumed run starts after its last complete round).
     train_config, evaluate_config
         Round settings sent to sites (``server-round`` is added per round).
     timeout
@@ -245,7 +248,7 @@ def run_federation(
     arrays = initial_arrays
     result = FederationResult(arrays=arrays)
     explanations = ExplanationRecord(run=f"fed-{files.run_id}" if files else "federation")
-    for server_round in range(1, num_rounds + 1):
+    for server_round in range(first_round, num_rounds + 1):
         started = time.monotonic()
         log.info("[ROUND %d/%d]", server_round, num_rounds)
         train_round = ConfigRecord(dict(train_config))

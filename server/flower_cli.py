@@ -21,6 +21,7 @@ __all__ = [
     "list_runs",
     "register_node",
     "run_info",
+    "server_app_log",
     "stop_run",
     "submit_run",
 ]
@@ -96,6 +97,34 @@ def run_info(run_id: int, flwr_home: Path) -> dict[str, Any]:
     if not runs:
         raise FlowerCliError(f"the SuperLink does not know run {run_id}")
     return dict(runs[0])
+
+
+def server_app_log(run_id: int, flwr_home: Path, *, timeout: float = 30.0) -> str:
+    """The ServerApp's own log of a run (``flwr log RUN_ID --show``; Flower keeps it).
+
+    Raises
+    ------
+    FlowerCliError
+        If the command fails or does not finish within ``timeout`` seconds.
+    """
+    args = ["log", str(run_id), CONNECTION, "--show"]
+    try:
+        completed = subprocess.run(
+            [str(venv_bin() / "flwr"), *args],
+            env=flower_env(flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise FlowerCliError(f"`flwr {' '.join(args)}` did not finish in {timeout:.0f} s") from None
+    if completed.returncode != 0:
+        raise FlowerCliError(
+            f"`flwr {' '.join(args)}` failed (exit {completed.returncode}): "
+            f"{(completed.stderr or completed.stdout).strip()[-500:]}"
+        )
+    return completed.stdout
 
 
 def stop_run(run_id: int, flwr_home: Path) -> None:

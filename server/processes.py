@@ -317,13 +317,17 @@ class ProcessGroup:
         """``name -> pid`` of the processes started (for pid files)."""
         return {managed.name: managed.pid for managed in self.processes}
 
-    def write_pid_file(self, path: Path) -> None:
-        """Record the processes' ids (``stop`` reads it)."""
+    def write_pid_file(self, path: Path, *, keep: dict[str, dict] | None = None) -> None:
+        """Record the processes' ids (``stop`` reads it), plus the entries in ``keep``
+        (processes an earlier ``start`` launched that still run)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            managed.name: {"pid": managed.pid, "log": str(managed.log_path)}
-            for managed in self.processes
-        }
+        payload = dict(keep or {})
+        payload.update(
+            {
+                managed.name: {"pid": managed.pid, "log": str(managed.log_path)}
+                for managed in self.processes
+            }
+        )
         path.write_text(json.dumps(payload, indent=2))
 
     def __enter__(self) -> ProcessGroup:

@@ -76,6 +76,9 @@ class RunSettings(BaseModel):
     tracking_uri, study
         MLflow tracking server (empty: no tracking) and the study (experiment
         ``sicfed/<study>``).
+    resume_run
+        Continue this earlier run after its last complete round (0: a new run); set by
+        ``python -m server resume`` (:mod:`server.resume`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
@@ -112,6 +115,7 @@ class RunSettings(BaseModel):
     run_dir: str = Field("runs", alias="run-dir")
     tracking_uri: str = Field("", alias="tracking-uri")
     study: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    resume_run: int = Field(0, ge=0, alias="resume-run")
 
     @field_validator("encoder")
     @classmethod

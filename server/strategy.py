@@ -381,6 +381,7 @@ class SicStrategy(Strategy):
         self.reports: dict[str, PhaseReport] = {}
         self._sent_arrays: ArrayRecord | None = None
         self._expected: dict[str, list[int]] = {}
+        self._disconnected: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ configure
     def summary(self) -> None:
@@ -421,6 +422,7 @@ class SicStrategy(Strategy):
         )
         self._sent_arrays = arrays
         self._expected[Phase.TRAIN] = [m.metadata.dst_node_id for m in messages]
+        self._note_disconnected(Phase.TRAIN, grid)
         return messages
 
     def configure_support(
@@ -435,6 +437,7 @@ class SicStrategy(Strategy):
         if 0 < server_round <= self.public_support_rounds:
             log.info("support round %d: the global support set stays public", server_round)
             self._expected[Phase.SUPPORT] = []
+            self._disconnected[Phase.SUPPORT] = []
             return []
         self._wait(grid)
         config = ConfigRecord(dict(config))
@@ -446,6 +449,7 @@ class SicStrategy(Strategy):
             for node in nodes
         )
         self._expected[Phase.SUPPORT] = nodes
+        self._note_disconnected(Phase.SUPPORT, grid)
         return messages
 
     def configure_evaluate(
@@ -457,7 +461,17 @@ class SicStrategy(Strategy):
             self.aggregator.configure_evaluate(server_round, arrays, config, grid)
         )
         self._expected[Phase.EVALUATE] = [m.metadata.dst_node_id for m in messages]
+        self._note_disconnected(Phase.EVALUATE, grid)
         return messages
+
+    def _note_disconnected(self, phase: str, grid: Grid) -> None:
+        """Remember the sites that took part before but are not connected now.
+
+        Flower samples only connected nodes, so a site that died between rounds would
+        otherwise vanish from the round's table instead of counting as failed.
+        """
+        connected = set(grid.get_node_ids())
+        self._disconnected[phase] = sorted(set(self.sites.names) - connected)
 
     # ------------------------------------------------------------------ review
     def review(
@@ -466,8 +480,9 @@ class SicStrategy(Strategy):
         """Validate and attribute replies; return the accepted ones sorted by site.
 
         Every reply is attributed to a site through the message it answers; error replies
-        keep only their fixed reason code; a configured site without any reply is reported
-        as ``timeout``.
+        keep only their fixed reason code. Absent sites count as failed: a sampled site
+        without any reply with reason ``no_reply``, a site that took part before but is no
+        longer connected with reason ``not_connected``.
         """
         accepted: list[tuple[str, Message]] = []
         outcomes: list[SiteOutcome] = []
@@ -519,7 +534,15 @@ class SicStrategy(Strategy):
             if node not in answered:
                 site = self.sites.name_of(node)
                 log.warning("%s round %d: no reply from site %s", phase, server_round, site)
-                outcomes.append(SiteOutcome(site=site, status="timeout", reason="timeout"))
+                outcomes.append(SiteOutcome(site=site, status="failed", reason="no_reply"))
+        reported = {outcome.site for outcome in outcomes}
+        for node in self._disconnected.get(phase, []):
+            if node not in self.sites.names:
+                continue  # the site came back under a new node id and answered as such
+            site = self.sites.name_of(node)
+            if site not in reported:
+                log.warning("%s round %d: site %s is not connected", phase, server_round, site)
+                outcomes.append(SiteOutcome(site=site, status="failed", reason="not_connected"))
         accepted.sort(key=lambda pair: pair[0])
         report = PhaseReport(
             phase=phase,

@@ -168,6 +168,18 @@ class MlflowTracker:
             log.info("MLflow runs table: %s", url)
         return self.parent_run_id
 
+    def resume(self, parent_run_id: str, site_run_ids: dict[str, str]) -> None:
+        """Continue logging into an earlier run's parent and site runs (``server resume``).
+
+        Runs that a crash left marked FAILED or KILLED are set RUNNING again.
+        """
+        self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+        self.parent_run_id = parent_run_id
+        self.site_run_ids = dict(site_run_ids)
+        for run_id in (parent_run_id, *self.site_run_ids.values()):
+            self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        log.info("MLflow: resuming parent run %s", parent_run_id)
+
     def site_run(self, site: str) -> str:
         """The child run of ``site`` (created on first use)."""
         if site not in self.site_run_ids:

@@ -268,23 +268,45 @@ def supernode_argv(
     return argv
 
 
-def _data_summary(site_yaml: Path) -> None:
+def _check_site_data(site_yaml: Path, *, load: bool, allow_empty: bool) -> None:
+    """Check (and, with ``load``, cache) the site's data; exit 1 naming every problem.
+
+    Without ``load`` only the configured paths are checked (no decoding). With
+    ``allow_empty`` the problems are printed as warnings and the site joins anyway.
+    """
     from client.config import load_site_config
-    from client.data import load_site_data
+    from client.data.readiness import missing_data_sources, readiness_problems
 
     config = load_site_config(site_yaml)
-    data = load_site_data(config, progress=True)
-    table = Table(title=f"Site {config.name}: data ready")
-    table.add_column("split")
-    for name in data.class_names:
-        table.add_column(name, justify="right")
-    for split, per_class in data.counts().items():
-        table.add_row(split, *(str(per_class[name]) for name in data.class_names))
-    console.print(table)
-    if data.quarantine_counts:
-        console.print(f"skipped files by reason: {data.quarantine_counts}")
-    for problem in data.problems():
-        console.print(f"[yellow]warning:[/] {problem}")
+    problems = missing_data_sources(config)
+    if load and not problems:
+        from client.data import load_site_data
+
+        data = load_site_data(config, progress=True)
+        table = Table(title=f"Site {config.name}: data")
+        table.add_column("split")
+        for name in data.class_names:
+            table.add_column(name, justify="right")
+        for split, per_class in data.counts().items():
+            table.add_row(split, *(str(per_class[name]) for name in data.class_names))
+        console.print(table)
+        if data.quarantine_counts:
+            console.print(f"skipped files by reason: {data.quarantine_counts}")
+        for warning in data.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        problems = readiness_problems(config, data)
+    if not problems:
+        return
+    for problem in problems:
+        label = "[yellow]warning (--allow-empty):[/]" if allow_empty else "[red]cannot train:[/]"
+        console.print(f"{label} {site_yaml}: {problem}", soft_wrap=True)
+    if not allow_empty:
+        console.print(
+            f"Site {config.name} does not join: fix its data (`python -m client check --site "
+            f"{site_yaml}` lists skipped files) or give --allow-empty to join anyway",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
 
 
 def join(
@@ -339,8 +361,21 @@ def join(
         typer.Option(min=1, help="CPU threads of each ClientApp process (OMP_NUM_THREADS)."),
     ] = None,
     prepare: Annotated[
-        bool, typer.Option(help="Load (and cache) the site's data before connecting.")
+        bool,
+        typer.Option(
+            help="Load (and cache) the site's data before connecting (--no-prepare: only "
+            "check that its data paths exist)."
+        ),
     ] = True,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Join even if the site's data cannot train (missing data root, no training "
+            "or validation images, labels outside the class list); the site then fails "
+            "its rounds.",
+        ),
+    ] = False,
     warm: Annotated[
         bool,
         typer.Option(
@@ -352,16 +387,20 @@ def join(
 ) -> None:
     """Join a federation: start this site's Flower SuperNode.
 
-    Before connecting, checks that the TLS settings fit the SuperLink (a wrong CA or TLS mode
-    stops here with one line naming the cause). Every app bundle the coordinator sends must
-    be approved first: its hash in the site's federation.approved_apps (`python -m client
-    approve`); anything else is refused with app_not_approved before any of it runs.
+    First checks the site's data: a missing data root, no training or validation images, or
+    labels outside the class list stop the join with exit code 1 naming the problem (unless
+    --allow-empty). Before connecting, checks that the TLS settings fit the SuperLink (a
+    wrong CA or TLS mode stops here with one line naming the cause). Every app bundle the
+    coordinator sends must be approved first: its hash in the site's
+    federation.approved_apps (`python -m client approve`); anything else is refused with
+    app_not_approved before any of it runs.
 
     Examples
     --------
     python -m client join --site site.yaml --superlink coordinator.example:8000 \
         --root-certificates ca.crt --auth-key keys/site_ecdsa
     python -m client join --site demo/sites/site_a/site.yaml --insecure --allow-any-app
+    python -m client join --site site.yaml --insecure --allow-any-app --allow-empty
     """
     from client.config import load_site_config
     from sic_core.errors import SicfedError
@@ -380,9 +419,8 @@ def join(
                 f"{site} --app-hash sha256:...`) or give --allow-any-app (development only)",
                 param_hint="--allow-any-app",
             )
+        _check_site_data(site, load=prepare, allow_empty=allow_empty)
         _wait_for_superlink(superlink, root_certificates if not insecure else None)
-        if prepare:
-            _data_summary(site)
     except SicfedError as error:
         console.print(f"[red]error:[/] {error.reason}: {error}", soft_wrap=True)
         raise typer.Exit(2) from None

@@ -17,6 +17,7 @@ from server.coordinator import (
     start_superlink,
 )
 from server.processes import ProcessGroup, pid_alive, wait_http_ok
+from server.run_watch import reconcile_runs
 from server.tls import TlsFiles, certificate_names
 from sic_core.errors import SicfedError
 
@@ -60,6 +61,14 @@ def _site_address(host: str, port: int, tls: TlsFiles | None) -> str:
     return f"{(remote or names or ['127.0.0.1'])[0]}:{port}"
 
 
+def _running_tracking_uri(coordinator: Coordinator, mlflow_port: int) -> str:
+    """The address of the MLflow server that is still running (as the last start saved it)."""
+    try:
+        return coordinator.addresses().tracking_uri
+    except SicfedError:
+        return f"http://127.0.0.1:{mlflow_port}"
+
+
 def start(
     home: Annotated[Path, typer.Option(help="Coordinator home folder.")] = DEFAULT_HOME,
     host: Annotated[
@@ -90,7 +99,9 @@ def start(
     Sites reach only the Fleet API (--host/--port); the Control API, which submits and
     stops runs and registers sites, listens on 127.0.0.1:--control-port. Only sites whose
     key was registered may join, unless --no-site-auth. Both services keep running after
-    this command returns; stop them with `python -m server stop`.
+    this command returns; stop them with `python -m server stop`. An MLflow server that
+    still runs (after `stop --keep-mlflow` or a SuperLink crash) is reused, and runs that
+    the previous SuperLink left "running" are marked failed (status.json and MLflow).
 
     Examples
     --------
@@ -99,10 +110,12 @@ def start(
     python -m server start --home /tmp/try --insecure   # loopback experiment, no TLS
     """
     coordinator = Coordinator(home)
-    running = [n for n, p in coordinator.recorded_processes().items() if pid_alive(p["pid"])]
-    if running:
+    recorded = coordinator.recorded_processes()
+    running = {name for name, info in recorded.items() if pid_alive(int(info["pid"]))}
+    if "superlink" in running:
         console.print(
-            f"[red]error:[/] {coordinator.home} already runs {', '.join(running)}; stop it first"
+            f"[red]error:[/] {coordinator.home} already runs the SuperLink; stop it first "
+            "(`python -m server stop --keep-mlflow` restarts only the SuperLink)"
         )
         raise typer.Exit(1)
     tls = None if insecure else coordinator.tls
@@ -116,14 +129,22 @@ def start(
         console.print(f"[red]error:[/] --insecure on {host}, which is not a loopback address")
         raise typer.Exit(2)
     site_auth = site_auth and not insecure
+    # A running MLflow (left by `stop --keep-mlflow` or a SuperLink crash) is reused.
+    kept_mlflow = {"mlflow": recorded["mlflow"]} if "mlflow" in running else {}
     group = ProcessGroup()
     try:
-        tracking_uri = start_mlflow(
-            group,
-            coordinator.mlflow_dir,
-            port=mlflow_port,
-            log_path=coordinator.logs / "mlflow.log",
-        )
+        if kept_mlflow:
+            tracking_uri = _running_tracking_uri(coordinator, mlflow_port)
+            mlflow_pid, mlflow_log = kept_mlflow["mlflow"]["pid"], kept_mlflow["mlflow"]["log"]
+            console.print(f"MLflow already runs (pid {mlflow_pid}): reusing {tracking_uri}")
+        else:
+            tracking_uri = start_mlflow(
+                group,
+                coordinator.mlflow_dir,
+                port=mlflow_port,
+                log_path=coordinator.logs / "mlflow.log",
+            )
+            mlflow_pid, mlflow_log = group.processes[0].pid, str(group.processes[0].log_path)
         address, superlink = start_superlink(
             group,
             coordinator,
@@ -134,24 +155,29 @@ def start(
             site_auth=site_auth,
         )
         with console.status("Waiting for MLflow (first start migrates its database) ..."):
-            wait_http_ok(f"{tracking_uri}/health", timeout=240, process=group.processes[0])
+            wait_http_ok(
+                f"{tracking_uri}/health",
+                timeout=240,
+                process=None if kept_mlflow else group.processes[0],
+            )
     except (SicfedError, KeyboardInterrupt) as error:
         group.stop_all()
         console.print(f"[red]error:[/] {error}")
         raise typer.Exit(1) from None
+    # Runs left "running" by a crash died with the previous SuperLink.
+    for line in reconcile_runs(coordinator.home, superlink_alive=False):
+        console.print(f"marked {line}", soft_wrap=True)
     site_address = _site_address(host, port, tls)
     coordinator.save_addresses(
         CoordinatorAddresses(superlink=site_address, tracking_uri=tracking_uri)
     )
-    group.write_pid_file(coordinator.pid_file)
+    group.write_pid_file(coordinator.pid_file, keep=kept_mlflow)
     table = Table(title=f"Coordinator {coordinator.home}")
     for column in ("service", "address", "pid", "log"):
         table.add_column(column)
     table.add_row("SuperLink (sites)", address, str(superlink.pid), str(superlink.log_path))
     table.add_row("Control API", f"127.0.0.1:{control_port}", str(superlink.pid), "")
-    table.add_row(
-        "MLflow", tracking_uri, str(group.processes[0].pid), str(group.processes[0].log_path)
-    )
+    table.add_row("MLflow", tracking_uri, str(mlflow_pid), str(mlflow_log))
     console.print(table)
     auth = "on (python -m server register-site admits a site)" if site_auth else "[red]off[/]"
     console.print(f"TLS: {'on' if tls else '[red]off[/]'}; site authentication: {auth}")

@@ -14,6 +14,8 @@ from server.coordinator import Coordinator
 from server.flower_cli import connected_nodes, list_runs
 from server.processes import pid_alive
 from server.roster import Roster
+from server.run_watch import reconcile_runs
+from server.site_liveness import SiteHeartbeat, read_heartbeats
 from sic_core.errors import SicfedError
 
 __all__ = ["status"]
@@ -21,10 +23,21 @@ __all__ = ["status"]
 console = Console()
 
 
+def _site_state(heartbeat: SiteHeartbeat | None) -> str:
+    """``connected``, or ``lost`` with the age of the last heartbeat once one was missed."""
+    if heartbeat is None or not heartbeat.lost:
+        return "connected"
+    return f"[red]lost[/] (no heartbeat for {heartbeat.seconds_since:.0f} s)"
+
+
 def status(
     home: Annotated[Path, typer.Option(help="Coordinator home folder.")] = DEFAULT_HOME,
 ) -> None:
     """Show the coordinator's processes, the registered and connected sites, and the runs.
+
+    A site that missed a heartbeat shows as lost (within 2 heartbeat periods, ~1 min, of
+    its death). Runs that died without recording it (a crashed SuperLink or ServerApp)
+    are marked failed here, in status.json and in MLflow.
 
     Examples
     --------
@@ -44,24 +57,40 @@ def status(
     if not recorded:
         console.print("not started (python -m server start)")
         raise typer.Exit(1)
+    for line in reconcile_runs(coordinator.home, superlink_alive=coordinator.superlink_alive()):
+        console.print(f"marked {line}", soft_wrap=True)
+    if not coordinator.superlink_alive():
+        console.print(
+            "[red]the SuperLink is not running[/]: restart it with `python -m server start "
+            f"--home {home}` (MLflow is reused if it still runs), then `python -m server "
+            "resume` to continue a run"
+        )
+        raise typer.Exit(1)
     try:
         nodes = connected_nodes(coordinator.flwr_home)
         runs = list_runs(coordinator.flwr_home)
     except SicfedError as error:
         console.print(f"[red]cannot reach the SuperLink:[/] {error}")
         raise typer.Exit(1) from None
+    heartbeats = read_heartbeats(coordinator.superlink_db)
     sites = Table(title="Sites")
     for column in ("site", "state", "node id", "key fingerprint", "registered"):
         sites.add_column(column)
     online = {int(node["node-id"]) for node in nodes}
     registered = Roster(coordinator.roster_file).sites()
     for site in registered:
-        state = "connected" if site.node_id in online else "registered, not connected"
+        state = (
+            _site_state(heartbeats.get(site.node_id))
+            if site.node_id in online
+            else "registered, not connected"
+        )
         sites.add_row(site.name, state, str(site.node_id), site.fingerprint, site.registered_at)
     for node_id in sorted(online - {site.node_id for site in registered}):
-        sites.add_row("(unregistered)", "connected", str(node_id), "-", "-")
+        state = _site_state(heartbeats.get(node_id))
+        sites.add_row("(unregistered)", state, str(node_id), "-", "-")
     console.print(sites)
-    console.print(f"connected sites (SuperNodes online): {len(nodes)}")
+    lost = sum(1 for node_id in online if node_id in heartbeats and heartbeats[node_id].lost)
+    console.print(f"connected sites (SuperNodes online): {len(nodes) - lost}, lost: {lost}")
     table = Table(title="Runs")
     for column in ("run id", "status", "elapsed s", "traffic MB", "client compute s"):
         table.add_column(column)

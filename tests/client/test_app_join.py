@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from client.cli import app
@@ -108,9 +109,88 @@ def test_warm_launcher_forks_flwr_clientapp_for_the_shim(tmp_path: Path) -> None
 def test_join_module_keeps_help_fast() -> None:
     """Heavy libraries are imported inside the command, not when the CLI loads."""
     source = inspect.getsource(join_module).split("def join(")[0]
-    assert "import torch" not in source and "from client.data" not in source.split("def _data")[0]
+    assert (
+        "import torch" not in source
+        and "from client.data" not in source.split("def _check_site_data")[0]
+    )
 
 
 def test_cold_start_is_an_option() -> None:
     result = runner.invoke(app, ["join", "--help"])
     assert "--cold" in result.output and "--warm" in result.output
+
+
+def _join(site: Path, *extra: str) -> tuple[int, str]:
+    result = runner.invoke(
+        app,
+        ["join", "--site", str(site), "--insecure", "--allow-any-app", *extra],
+        env={"COLUMNS": "300"},
+    )
+    return result.exit_code, result.output.replace("\n", " ")
+
+
+class _ReachedSuperLinkError(Exception):
+    """Raised in place of probing the SuperLink: the data checks let the site through."""
+
+
+@pytest.fixture
+def no_superlink(monkeypatch: pytest.MonkeyPatch) -> None:
+    def reached(address: str, root_certificates: Path | None) -> None:
+        raise _ReachedSuperLinkError(address)
+
+    monkeypatch.setattr(join_module, "_wait_for_superlink", reached)
+
+
+def test_join_names_a_missing_data_root(tmp_path: Path, no_superlink: None) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "name: site_m\nstate_dir: s\ndata: {format: folder, root: gone, class_names: [a, b]}\n"
+    )
+    for extra in ((), ("--no-prepare",)):
+        code, output = _join(site, *extra)
+        assert code == 1, output
+        assert "missing data root: data.root" in output and str(tmp_path / "gone") in output
+    result = runner.invoke(
+        app,
+        [
+            "join",
+            "--site",
+            str(site),
+            "--insecure",
+            "--allow-any-app",
+            "--no-prepare",
+            "--allow-empty",
+        ],
+    )
+    assert isinstance(result.exception, _ReachedSuperLinkError)
+    assert "warning (--allow-empty)" in result.output
+
+
+def test_join_refuses_a_site_without_validation_images(tmp_path: Path, no_superlink: None) -> None:
+    site = write_site(tmp_path, "site_v", val_per_class=(0, 0))
+    code, output = _join(site)
+    assert code == 1, output
+    assert "the val split is empty" in output and "--allow-empty" in output
+    result = runner.invoke(
+        app, ["join", "--site", str(site), "--insecure", "--allow-any-app", "--allow-empty"]
+    )
+    assert isinstance(result.exception, _ReachedSuperLinkError)  # warned, then went on to connect
+
+
+def test_join_refuses_labels_outside_the_class_list(tmp_path: Path, no_superlink: None) -> None:
+    site = write_site(tmp_path, "site_l", train_per_class=(8, 8, 8))
+    config = yaml.safe_load(site.read_text())
+    config["data"]["class_names"] = ["class0", "class1"]  # the archive also has label 2
+    site.write_text(yaml.safe_dump(config))
+    code, output = _join(site)
+    assert code == 1, output
+    assert "8 image(s) have labels outside the class list" in output
+    assert "bad_label" in output
+
+
+def test_join_lets_a_site_with_usable_data_through(tmp_path: Path, no_superlink: None) -> None:
+    result = runner.invoke(
+        app,
+        ["join", "--site", str(write_site(tmp_path, "site_ok")), "--insecure", "--allow-any-app"],
+    )
+    assert isinstance(result.exception, _ReachedSuperLinkError), result.output

@@ -25,7 +25,7 @@ from sic_core.errors import ConfigError
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", ["start", "run", "status", "stop", "demo"])
+@pytest.mark.parametrize("command", ["start", "run", "resume", "status", "stop", "demo"])
 def test_every_command_has_help_with_examples(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output

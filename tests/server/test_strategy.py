@@ -240,13 +240,23 @@ def test_free_text_error_is_not_passed_on() -> None:
     assert "patient" not in repr(strategy.reports)
 
 
-def test_missing_reply_is_reported_as_timeout() -> None:
+def test_missing_reply_counts_as_a_failure() -> None:
     strategy = make_strategy()
     strategy.sites.learn(22, "site_b")
     arrays, _ = train_round(strategy, FakeGrid(honest_app, {n: {} for n in NODES}, offline={22}))
     assert arrays is not None
-    assert [(o.site, o.status) for o in strategy.reports["train"].problems] == [
-        ("site_b", "timeout")
+    assert [(o.site, o.status, o.reason) for o in strategy.reports["train"].problems] == [
+        ("site_b", "failed", "no_reply")
+    ]
+
+
+def test_a_site_gone_since_an_earlier_round_counts_as_a_failure() -> None:
+    strategy = make_strategy()
+    train_round(strategy, FakeGrid(honest_app, {n: {} for n in NODES}))
+    assert strategy.sites.name_of(33) == "site_c"
+    train_round(strategy, FakeGrid(honest_app, {11: {}, 22: {}}), server_round=2)
+    assert [(o.site, o.status, o.reason) for o in strategy.reports["train"].problems] == [
+        ("site_c", "failed", "not_connected")
     ]
 
 
