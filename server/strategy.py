@@ -578,7 +578,8 @@ class SicStrategy(Strategy):
             )
             return None, None
         self._bound_updates(accepted, report, reference)
-        return self.aggregator.aggregate_train(server_round, accepted)
+        arrays, metrics = self.aggregator.aggregate_train(server_round, accepted)
+        return _like(arrays, reference), metrics
 
     def _bound_updates(
         self, accepted: list[Message], report: PhaseReport, reference: ArrayRecord
@@ -695,3 +696,22 @@ class SicStrategy(Strategy):
                     key: torch.from_numpy(np.array(array)) for key, array in value.items()
                 }
         return state
+
+
+def _like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
+    """``arrays`` in the dtypes of the weights that were sent.
+
+    Flower 1.41's FedAdam computes in float64 under NumPy 2; sent on as float64, every
+    site's float32 reply to the next round would fail the reply check (``array_shape``) and
+    the global model would never move again.
+    """
+    if arrays is None:
+        return None
+    return ArrayRecord(
+        {
+            key: Array(array.numpy().astype(reference[key].numpy().dtype, copy=False))
+            if key in reference
+            else array
+            for key, array in arrays.items()
+        }
+    )

@@ -82,7 +82,8 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = ["flower-superlink", *argv[split + 1 :]]
     config = _parse_superlink_lifespan_config()
-    if not _is_loopback(config.host):
+    if not is_loopback(config.host):
         raise SystemExit(f"--host {config.host}: the Control API must bind a loopback address")
     app = create_app(config, SuperLinkLifespan)
     log_config = get_uvicorn_log_config(console_handler.level)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +17,7 @@ from server.coordinator import (
 )
 from server.processes import ProcessGroup, pid_alive, wait_http_ok
 from server.run_watch import reconcile_runs
+from server.superlink_listeners import is_loopback
 from server.tls import TlsFiles, certificate_names
 from sic_core.errors import SicfedError
 
@@ -27,15 +27,6 @@ console = Console()
 
 #: Default coordinator home (ignored by git).
 DEFAULT_HOME = Path("runs/coordinator")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def join_command(
@@ -57,7 +48,7 @@ def _site_address(host: str, port: int, tls: TlsFiles | None) -> str:
     if host not in ("0.0.0.0", "::"):
         return f"{host}:{port}"
     names = certificate_names(tls.server_cert) if tls else []
-    remote = [name for name in names if not _is_loopback(name)]
+    remote = [name for name in names if not is_loopback(name)]
     return f"{(remote or names or ['127.0.0.1'])[0]}:{port}"
 
 
@@ -125,7 +116,7 @@ def start(
             f"--home {home} --san HOST` first (or give --insecure, loopback only)"
         )
         raise typer.Exit(2)
-    if insecure and not _is_loopback(host):
+    if insecure and not is_loopback(host):
         console.print(f"[red]error:[/] --insecure on {host}, which is not a loopback address")
         raise typer.Exit(2)
     site_auth = site_auth and not insecure

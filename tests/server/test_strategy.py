@@ -397,3 +397,11 @@ def test_site_directory_lets_a_restarted_site_keep_its_name() -> None:
     sites.learn(2, "site_a")
     assert sites.names == {2: "site_a"}
     assert sites.name_of(1) == "node-1"
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedmedian"])
+def test_the_aggregate_keeps_the_dtypes_that_were_sent(name: str) -> None:
+    """FedAdam computes in float64; sent on as is, round 2's float32 replies would fail."""
+    strategy = make_strategy(name)
+    arrays, _ = train_round(strategy, FakeGrid(honest_app, {n: {} for n in NODES}))
+    assert {array.numpy().dtype for array in arrays.values()} == {np.dtype(np.float32)}
