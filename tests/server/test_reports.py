@@ -212,7 +212,8 @@ def test_federation_summary_fits_1400_px_in_chromium(tmp_path: Path, chromium) -
         page,
         "{page: document.documentElement.scrollWidth, window: window.innerWidth,"
         " flags: [...document.querySelectorAll('table.summary')].slice(0, -1)"
-        ".flatMap(t => [...t.querySelectorAll('tbody td:nth-child(2)')]).map(td => { const box = td.getBoundingClientRect();"
+        ".flatMap(t => [...t.querySelectorAll('tbody td:nth-child(2)')])"
+        ".map(td => { const box = td.getBoundingClientRect();"
         " const frame = td.closest('.scroll').getBoundingClientRect();"
         " return [box.left, box.right, frame.left, frame.right]; }),"
         " rounds: [...document.querySelectorAll('table.summary')].slice(0, -1)"

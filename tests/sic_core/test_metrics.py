@@ -165,9 +165,7 @@ def test_counterfactual_shift_detects_a_model_trained_on_the_marker(disc_images)
     has_marker = (labels == 1).view(-1, 1, 1, 1)
     images = torch.where(has_marker & (masks > 0), torch.ones_like(backgrounds), backgrounds)
     model = create_model("bcos_cnn_small", 1, 2, width=8)
-    train_sic(
-        model, images[:200], labels[:200], TrainConfig(epochs=5, warmup_epochs=0.5)
-    )
+    train_sic(model, images[:200], labels[:200], TrainConfig(epochs=5, warmup_epochs=0.5))
     marked = images[200:][labels[200:] == 1]
     clean = images[200:][labels[200:] == 0]
     shift = marker_counterfactual_shift(model, marked, masks[: marked.shape[0]], clean)
