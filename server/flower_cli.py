@@ -33,11 +33,12 @@ class FlowerCliError(SicfedError):
     reason = "flower_cli_failed"
 
 
-def _flwr(args: list[str], flwr_home: Path, *, timeout: float = 120.0) -> dict[str, Any]:
-    command = [str(venv_bin() / "flwr"), *args]
+def _run_flwr(
+    args: list[str], flwr_home: Path, *, timeout: float
+) -> subprocess.CompletedProcess[str]:
     try:
-        completed = subprocess.run(
-            command,
+        return subprocess.run(
+            [str(venv_bin() / "flwr"), *args],
             env=flower_env(flwr_home),
             capture_output=True,
             text=True,
@@ -46,6 +47,10 @@ def _flwr(args: list[str], flwr_home: Path, *, timeout: float = 120.0) -> dict[s
         )
     except subprocess.TimeoutExpired:
         raise FlowerCliError(f"`flwr {' '.join(args)}` did not finish in {timeout:.0f} s") from None
+
+
+def _flwr(args: list[str], flwr_home: Path, *, timeout: float = 120.0) -> dict[str, Any]:
+    completed = _run_flwr(args, flwr_home, timeout=timeout)
     text = completed.stdout.strip()
     start = text.find("{")
     try:
@@ -108,17 +113,7 @@ def server_app_log(run_id: int, flwr_home: Path, *, timeout: float = 30.0) -> st
         If the command fails or does not finish within ``timeout`` seconds.
     """
     args = ["log", str(run_id), CONNECTION, "--show"]
-    try:
-        completed = subprocess.run(
-            [str(venv_bin() / "flwr"), *args],
-            env=flower_env(flwr_home),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise FlowerCliError(f"`flwr {' '.join(args)}` did not finish in {timeout:.0f} s") from None
+    completed = _run_flwr(args, flwr_home, timeout=timeout)
     if completed.returncode != 0:
         raise FlowerCliError(
             f"`flwr {' '.join(args)}` failed (exit {completed.returncode}): "
