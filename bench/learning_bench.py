@@ -23,7 +23,7 @@ import math
 import statistics
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from sic_core.encoders import SmallBcosCNN
 from sic_core.explanations import explanation_mode
 from sic_core.head import sic_loss
 from sic_core.metrics import auroc, mass_lift
+from sic_core.model import encode_input
 
 MODELS = ("cnn", "bcos_linear", "sic")
 REGIMES = ("site_a", "pooled")
@@ -107,7 +108,7 @@ class BcosLinearClassifier(nn.Module):
         self.explaining = False  # read by explanation_mode
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_encoded(torch.cat([x, 1 - x], dim=1))
+        return self.forward_encoded(encode_input(x))
 
     def forward_encoded(self, encoded: Tensor) -> Tensor:
         return self.head(self.encoder(encoded).amax(dim=(2, 3)))
@@ -155,7 +156,7 @@ def _linear_head_maps(model: BcosLinearClassifier, images: Tensor) -> tuple[Tens
     """Predictions and exact nodule contribution maps ``sum_c x~_c dz_1/dx~_c``."""
     model.eval()
     with explanation_mode(model):  # type: ignore[arg-type]
-        encoded = torch.cat([images, 1 - images], dim=1).requires_grad_(True)
+        encoded = encode_input(images).requires_grad_(True)
         logits = model.forward_encoded(encoded)
         (gradient,) = torch.autograd.grad(logits[:, 1].sum(), encoded)
     return logits.detach().argmax(1), (encoded * gradient).sum(1).detach()
@@ -300,14 +301,7 @@ def run(
                             record = train_one(
                                 model, data[regime], epochs=EPOCHS[preset], seed=seed
                             )
-                            record = RunRecord(
-                                **{
-                                    **asdict(record),
-                                    "preset": preset,
-                                    "size": size,
-                                    "regime": regime,
-                                }
-                            )
+                            record = replace(record, preset=preset, size=size, regime=regime)
                             console.print(
                                 f"{preset} {size}px {regime} {model} seed {seed}: "
                                 f"epochs to 0.9 {record.epochs_to_0p9}, "

@@ -251,12 +251,18 @@ def sample_support_indices(
     return torch.cat(chosen), torch.cat(chosen_labels)
 
 
+def _embed_episode(model: SICModel, queries: Tensor, supports: Tensor) -> tuple[Tensor, Tensor]:
+    """Query and support embeddings through one encoder pass (gradients flow through both)."""
+    embeddings = model.embed(torch.cat([queries, supports]))
+    query_embeddings, support_embeddings = embeddings.split([queries.shape[0], supports.shape[0]])
+    return query_embeddings, support_embeddings
+
+
 def episodic_logits(
     model: SICModel, queries: Tensor, supports: Tensor, support_labels: Tensor
 ) -> Tensor:
     """Logits ``(B, C)`` of query images against support images, through one encoder pass."""
-    embeddings = model.embed(torch.cat([queries, supports]))
-    query_embeddings, support_embeddings = embeddings.split([queries.shape[0], supports.shape[0]])
+    query_embeddings, support_embeddings = _embed_episode(model, queries, supports)
     return model.logits_from_embeddings(query_embeddings, support_embeddings, support_labels)
 
 
@@ -509,9 +515,8 @@ def _episodic_loss(
     support_index, support_labels = sample_support_indices(
         labels, model.n_shot, classes, generator, exclude=batch_index
     )
-    embeddings = model.embed(torch.cat([queries, images[support_index].to(device)]))
-    query_embeddings, support_embeddings = embeddings.split(
-        [queries.shape[0], support_index.shape[0]]
+    query_embeddings, support_embeddings = _embed_episode(
+        model, queries, images[support_index].to(device)
     )
     episodic = model.logits_from_embeddings(
         query_embeddings, support_embeddings, support_labels.to(device)
