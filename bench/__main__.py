@@ -9,7 +9,8 @@ Examples
                                          # [simulation] extra); appends results/scale.json
     python -m bench --only learning      # SIC vs a plain CNN on every preset, 64 and 128 px,
                                          # site_a and pooled, 3 seeds (hours on a CPU);
-                                         # writes results/learning.json
+                                         # merges into results/learning.json (runs of
+                                         # the same model/preset/size/regime/seed replaced)
     python -m bench --only learning --sizes 64 --presets easy --regimes site_a --seeds 2
 """
 
@@ -176,7 +177,7 @@ def _learning(
         regimes=chosen_regimes,
         seeds=range(seeds),
     )
-    table = Table(title="SIC vs plain CNN (64 px, site_a)")
+    table = Table(title="SIC vs plain CNN (64 px, site_a; this run's presets)")
     table.add_column("preset")
     table.add_column("best AUROC ratio", justify="right")
     table.add_column("epochs to 0.9 ratio", justify="right")
@@ -185,10 +186,11 @@ def _learning(
         table.add_row(preset, f"{ratio:.3f}", f"{epochs_ratio:.2f}")
     console.print(table)
     target = out or RESULTS / "learning.json"
+    previous = json.loads(target.read_text()) if target.is_file() else None
     record = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": _machine(torch.device("cpu")),
-        **result,
+        **learning_bench.combine(previous, result),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(record, indent=2) + "\n")

@@ -277,6 +277,24 @@ def summarise(records: list[RunRecord]) -> dict[str, object]:
     }
 
 
+def combine(previous: dict[str, object] | None, fresh: dict[str, object]) -> dict[str, object]:
+    """A fresh result merged into an earlier ``learning.json``: runs of the same model,
+    preset, size, regime and seed are replaced, the others kept, and the summary and ratios
+    recomputed over all of them (so presets and sizes can be measured in separate sessions)."""
+
+    def key(run: dict) -> tuple:
+        return (run["model"], run["preset"], run["size"], run["regime"], run["seed"])
+
+    runs = {key(run): run for run in (previous or {}).get("runs", [])}  # type: ignore[union-attr]
+    runs.update({key(run): run for run in fresh["runs"]})  # type: ignore[union-attr]
+    merged = sorted(runs.values(), key=key)
+    return {
+        "epochs": {**(previous or {}).get("epochs", {}), **fresh["epochs"]},  # type: ignore[dict-item]
+        **summarise([RunRecord(**run) for run in merged]),
+        "runs": merged,
+    }
+
+
 def run(
     *,
     presets: Iterable[str] = PRESETS,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from bench.learning_bench import (
     Regime,
     RunRecord,
     _linear_head_maps,
+    combine,
     plain_cnn,
     summarise,
     train_one,
@@ -89,3 +92,19 @@ def test_summary_ratios_count_a_run_that_never_reaches_0p9_as_budget_plus_one() 
     sic = result["summary"]["easy"]["64"]["site_a"]["sic"]
     assert sic["reached_0p9"] == 1 and sic["seeds"] == 2
     assert sic["median_lesion_lift"] is None
+
+
+def test_a_new_result_replaces_matching_runs_and_keeps_the_others() -> None:
+    def result(*records: RunRecord) -> dict:
+        return {"epochs": {"easy": 8}, "runs": [asdict(record) for record in records]}
+
+    earlier = combine(None, result(_record("cnn", 0, 2, 1.0), _record("sic", 0, None, 0.5)))
+    merged = combine(earlier, result(_record("sic", 0, 4, 0.97), _record("sic", 1, 6, 0.95)))
+    assert [(run["model"], run["seed"], run["best_auroc"]) for run in merged["runs"]] == [
+        ("cnn", 0, 1.0),
+        ("sic", 0, 0.97),
+        ("sic", 1, 0.95),
+    ]
+    assert merged["summary"]["easy"]["64"]["site_a"]["sic"]["seeds"] == 2
+    assert merged["sic_vs_cnn_auroc_ratio"]["easy"] == pytest.approx(0.96 / 1.0)
+    assert merged["epochs"] == {"easy": 8}

