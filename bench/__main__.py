@@ -12,6 +12,7 @@ Examples
                                          # merges into results/learning.json (runs of
                                          # the same model/preset/size/regime/seed replaced)
     python -m bench --only learning --sizes 64 --presets easy --regimes site_a --seeds 2
+    python -m bench --only learning --presets hard --regimes pooled --models cnn
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def main(
         list[str] | None, typer.Option(help="learning: site_a and/or pooled (default: both)")
     ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="learning: seeds per combination")] = 3,
+    models: Annotated[
+        list[str] | None,
+        typer.Option(help="learning: cnn, bcos_linear and/or sic (default: all three)"),
+    ] = None,
 ) -> None:
     """Run the benchmarks and record their figures."""
     chosen = torch.device(device)
@@ -107,7 +112,9 @@ def main(
             f"unknown section(s) {unknown}; expected some of {SECTIONS + OPTIONAL_SECTIONS}"
         )
     if sections == ["learning"]:
-        _learning(chosen, out, presets=presets, sizes=sizes, regimes=regimes, seeds=seeds)
+        _learning(
+            chosen, out, presets=presets, sizes=sizes, regimes=regimes, models=models, seeds=seeds
+        )
         return
     figures: dict[str, float] = {}
     failed: dict[str, str] = {}
@@ -156,6 +163,7 @@ def _learning(
     presets: list[str] | None,
     sizes: list[int] | None,
     regimes: list[str] | None,
+    models: list[str] | None,
     seeds: int,
 ) -> None:
     from bench import learning_bench
@@ -164,9 +172,11 @@ def _learning(
         console.print("[yellow]the learning section trains on the CPU[/]")
     chosen_presets = presets or list(learning_bench.PRESETS)
     chosen_regimes = regimes or list(learning_bench.REGIMES)
+    chosen_models = models or list(learning_bench.MODELS)
     for hint, chosen, allowed in (
         ("--presets", chosen_presets, learning_bench.PRESETS),
         ("--regimes", chosen_regimes, learning_bench.REGIMES),
+        ("--models", chosen_models, learning_bench.MODELS),
     ):
         bad = sorted(set(chosen) - set(allowed))
         if bad:
@@ -175,6 +185,7 @@ def _learning(
         presets=chosen_presets,
         sizes=sizes or [learning_bench.DEMO_SIZE, 128],
         regimes=chosen_regimes,
+        models=chosen_models,
         seeds=range(seeds),
     )
     table = Table(title="SIC vs plain CNN (64 px, site_a; this run's presets)")
