@@ -188,14 +188,15 @@ def _learning(
         models=chosen_models,
         seeds=range(seeds),
     )
-    table = Table(title="SIC vs plain CNN (64 px, site_a; this run's presets)")
-    table.add_column("preset")
-    table.add_column("best AUROC ratio", justify="right")
-    table.add_column("epochs to 0.9 ratio", justify="right")
-    for preset, ratio in result["sic_vs_cnn_auroc_ratio"].items():
-        epochs_ratio = result["sic_vs_cnn_epochs_to_0p9_ratio"][preset]
-        table.add_row(preset, f"{ratio:.3f}", f"{epochs_ratio:.2f}")
-    console.print(table)
+    if result["sic_vs_cnn_auroc_ratio"]:  # only when this run trained both at 64 px, site_a
+        table = Table(title="SIC vs plain CNN (64 px, site_a; this run's presets)")
+        table.add_column("preset")
+        table.add_column("best AUROC ratio", justify="right")
+        table.add_column("epochs to 0.9 ratio", justify="right")
+        for preset, ratio in result["sic_vs_cnn_auroc_ratio"].items():
+            epochs_ratio = result["sic_vs_cnn_epochs_to_0p9_ratio"][preset]
+            table.add_row(preset, f"{ratio:.3f}", f"{epochs_ratio:.2f}")
+        console.print(table)
     target = out or RESULTS / "learning.json"
     previous = json.loads(target.read_text()) if target.is_file() else None
     record = {
