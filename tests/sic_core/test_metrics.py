@@ -125,6 +125,27 @@ def test_completeness_gate_is_tiny_for_exact_explanations_and_catches_a_broken_o
     assert completeness_max_rel_err(broken) > 1e-3
 
 
+def test_completeness_of_a_confident_model_is_not_lost_to_the_bias_rounding() -> None:
+    # A class with evidence 2e-6 (a confident model's other class): its float32 logit near
+    # b = -ln 2 keeps only ~6e-8 of that evidence, so ``logits - bias`` is off by ~3 %
+    # while the map itself sums to the evidence exactly.
+    result = explain(_trained_like_model(), torch.rand(1, 1, 24, 24))
+    evidence = torch.tensor([[2e-6, 5.0]])
+    pixels = result.class_maps.shape[2] * result.class_maps.shape[3]
+    confident = type(result)(
+        **{
+            **result.__dict__,
+            "evidence": evidence,
+            "logits": evidence + result.bias,
+            "class_maps": (evidence / pixels)[:, :, None, None].expand_as(result.class_maps),
+        }
+    )
+    assert ((confident.logits - confident.bias)[0, 0] - 2e-6).abs() > 1e-8  # the rounding
+    assert completeness_max_rel_err(confident) < 1e-4
+    shifted = type(result)(**{**confident.__dict__, "logits": confident.logits + 1e-3})
+    assert completeness_max_rel_err(shifted) > 1e-4  # logits that disagree with the evidence
+
+
 def test_deletion_of_the_true_ranking_beats_a_random_ranking() -> None:
     model = _trained_like_model()
     x = torch.rand(6, 1, 24, 24, generator=torch.Generator().manual_seed(1))
