@@ -5,9 +5,9 @@ TLS and site authentication are on, and every site approves the bundle it is sen
 
 Starts the processes the way ``python -m server demo`` does, submits the staged app with
 ``flwr run``, follows the run to the end, then checks Flower's run status, the checkpoints,
-the per-site metrics, explanation metrics, reports and registered model in MLflow (with the
-shortcut site standing out), and that every process started (and every process those
-started) is gone afterwards.
+the per-site metrics, explanation metrics (every site measures the shortcut), reports and
+registered model in MLflow, and that every process started (and every process those started)
+is gone afterwards.
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def test_three_sites_three_rounds_on_a_real_superlink(tmp_path: Path) -> None:
         }
         # Every site measures the shortcut (site_b on its own marked images, the others on
         # the same marker pasted into theirs). Whether site_b's marker leaks into the global
-        # model is a learning result, not plumbing: with a model that has learned the lesion
-        # it does not on the easy preset (README, "Demo"), so it is not asserted here.
+        # model is a learning result, not plumbing: three rounds at scale 0.3 are too few
+        # for it, and tests/server/test_default_run_learns.py asserts it at full scale.
         assert all(math.isfinite(lift) and lift >= 0 for lift in lifts.values()), lifts
         assert len(client.get_metric_history(parent.info.run_id, "perf/mean_site_auroc")) == ROUNDS
         assert parent.data.params["xai_threshold/completeness_max_rel_err"] == "0.0001"
