@@ -57,9 +57,10 @@ def status(
     if not recorded:
         console.print("not started (python -m server start)")
         raise typer.Exit(1)
-    for line in reconcile_runs(coordinator.home, superlink_alive=coordinator.superlink_alive()):
+    superlink_alive = coordinator.superlink_alive()
+    for line in reconcile_runs(coordinator.home, superlink_alive=superlink_alive):
         console.print(f"marked {line}", soft_wrap=True)
-    if not coordinator.superlink_alive():
+    if not superlink_alive:
         console.print(
             "[red]the SuperLink is not running[/]: restart it with `python -m server start "
             f"--home {home}` (MLflow is reused if it still runs), then `python -m server "
