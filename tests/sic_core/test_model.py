@@ -80,8 +80,8 @@ def test_training_step_changes_weights_and_sets_real_supports() -> None:
         assert (embeddings - vector).abs().sum(dim=1).min() < 1e-5
 
 
-def test_learning_rate_schedule_warms_up_then_halves() -> None:
-    config = TrainConfig(epochs=50)
+def test_reference_schedule_warms_up_then_halves() -> None:
+    config = TrainConfig(epochs=50, lr=1e-3, decay_after=0.5)
     assert learning_rate_factor(0, total_epochs=50, config=config) == pytest.approx(0.1)
     assert learning_rate_factor(1, total_epochs=50, config=config) == pytest.approx(0.55)
     assert learning_rate_factor(10, total_epochs=50, config=config) == 1.0
@@ -89,6 +89,17 @@ def test_learning_rate_schedule_warms_up_then_halves() -> None:
     assert learning_rate_factor(30, total_epochs=50, config=config) == 0.5
     assert learning_rate_factor(40, total_epochs=50, config=config) == 0.125
     assert learning_rate_factor(45, total_epochs=50, config=config) == 0.0625
+
+
+def test_default_schedule_stays_constant_after_warm_up() -> None:
+    config = TrainConfig(epochs=12)
+    assert learning_rate_factor(0, total_epochs=12, config=config) == pytest.approx(0.2)
+    assert learning_rate_factor(1, total_epochs=12, config=config) == pytest.approx(0.6)
+    assert [learning_rate_factor(e, total_epochs=12, config=config) for e in (2, 6, 11.9)] == [
+        1.0,
+        1.0,
+        1.0,
+    ]
 
 
 def test_episode_supports_avoid_the_query_batch_when_possible() -> None:
