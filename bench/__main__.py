@@ -13,6 +13,8 @@ Examples
                                          # the same model/preset/size/regime/seed replaced)
     python -m bench --only learning --sizes 64 --presets easy --regimes site_a --seeds 2
     python -m bench --only learning --presets hard --regimes pooled --models cnn
+    python -m bench --only learning --device cuda --sizes 128 --regimes pooled --presets easy
+                                         # on a GPU; each run records its device
 """
 
 from __future__ import annotations
@@ -168,8 +170,6 @@ def _learning(
 ) -> None:
     from bench import learning_bench
 
-    if device.type != "cpu":
-        console.print("[yellow]the learning section trains on the CPU[/]")
     chosen_presets = presets or list(learning_bench.PRESETS)
     chosen_regimes = regimes or list(learning_bench.REGIMES)
     chosen_models = models or list(learning_bench.MODELS)
@@ -187,6 +187,7 @@ def _learning(
         regimes=chosen_regimes,
         models=chosen_models,
         seeds=range(seeds),
+        device=device,
     )
     if result["sic_vs_cnn_auroc_ratio"]:  # only when this run trained both at 64 px, site_a
         table = Table(title="SIC vs plain CNN (64 px, site_a; this run's presets)")
@@ -201,7 +202,7 @@ def _learning(
     previous = json.loads(target.read_text()) if target.is_file() else None
     record = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": _machine(torch.device("cpu")),
+        "machine": _machine(device),
         **learning_bench.combine(previous, result),
     }
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,10 @@ detected validation nodules. Ratios, not seconds, so that the figures hold on a 
 machine: ``sic_vs_cnn_auroc_ratio`` (mean best AUROC) and ``sic_vs_cnn_epochs_to_0p9_ratio``
 (median epochs to 0.9; a run that never gets there counts as budget + 1) per preset, at
 the demo's size from ``site_a`` alone.
+
+Runs train on the CPU by default; ``device`` (``python -m bench --only learning --device
+cuda``) moves the data and models to a GPU, and each run records where it trained, since a
+GPU's kernels do not reproduce a CPU run's numbers exactly.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ class RunRecord:
     best_auroc: float
     held_out_auroc: float
     lesion_lift: float | None
+    #: Where it trained; runs recorded before the field existed all trained on the CPU.
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,20 @@ class Regime:
     train: SplitData
     val: SplitData
     held_out: SplitData
+
+    def to(self, device: torch.device) -> Regime:
+        """The same regime with its tensors on ``device``."""
+
+        def move(split: SplitData) -> SplitData:
+            return replace(
+                split,
+                images=split.images.to(device),
+                labels=split.labels.to(device),
+                masks={name: mask.to(device) for name, mask in split.masks.items()},
+                has_mask={name: known.to(device) for name, known in split.has_mask.items()},
+            )
+
+        return Regime(move(self.train), move(self.val), move(self.held_out))
 
 
 def plain_cnn(in_channels: int = 1, num_classes: int = 2, width: int = 32) -> nn.Module:
@@ -163,19 +183,23 @@ def _linear_head_maps(model: BcosLinearClassifier, images: Tensor) -> tuple[Tens
 
 
 def train_one(model_name: str, data: Regime, *, epochs: int, seed: int) -> RunRecord:
-    """Train ``model_name`` on ``data`` for ``epochs`` and score it (preset/size filled later)."""
+    """Train ``model_name`` on ``data`` for ``epochs`` and score it (preset/size filled later).
+
+    The model trains on the device that holds ``data`` (see :meth:`Regime.to`).
+    """
     torch.manual_seed(seed)
+    device = data.train.images.device
     lift: float | None = None
     if model_name == "cnn":
-        model: nn.Module = plain_cnn()
+        model: nn.Module = plain_cnn().to(device)
         curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=F.cross_entropy)
     elif model_name == "bcos_linear":
-        model = BcosLinearClassifier()
+        model = BcosLinearClassifier().to(device)
         curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=sic_loss)
         predicted, maps = _linear_head_maps(model, data.val.images)
         lift = _nodule_lift(maps, predicted, data)
     elif model_name == "sic":
-        model = create_model("bcos_cnn_small", in_channels=1, num_classes=2)
+        model = create_model("bcos_cnn_small", in_channels=1, num_classes=2).to(device)
         history = train_sic(
             model,
             data.train.images,
@@ -201,6 +225,7 @@ def train_one(model_name: str, data: Regime, *, epochs: int, seed: int) -> RunRe
         best_auroc=max(curve),
         held_out_auroc=_auroc(model, data.held_out.images, data.held_out.labels),
         lesion_lift=lift,
+        device=device.type,
     )
 
 
@@ -287,11 +312,11 @@ def combine(previous: dict[str, object] | None, fresh: dict[str, object]) -> dic
 
     runs = {key(run): run for run in (previous or {}).get("runs", [])}  # type: ignore[union-attr]
     runs.update({key(run): run for run in fresh["runs"]})  # type: ignore[union-attr]
-    merged = sorted(runs.values(), key=key)
+    merged = [RunRecord(**run) for run in sorted(runs.values(), key=key)]
     return {
         "epochs": {**(previous or {}).get("epochs", {}), **fresh["epochs"]},  # type: ignore[dict-item]
-        **summarise([RunRecord(**run) for run in merged]),
-        "runs": merged,
+        **summarise(merged),
+        "runs": [asdict(record) for record in merged],
     }
 
 
@@ -303,6 +328,7 @@ def run(
     models: Iterable[str] = MODELS,
     seeds: Iterable[int] = (0, 1, 2),
     workdir: Path | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, object]:
     """Train every combination and return the records and the summary (JSON-ready)."""
     records: list[RunRecord] = []
@@ -312,7 +338,10 @@ def run(
                 root = generate_synthcxr(
                     Path(scratch) / f"{preset}-{size}", preset=preset, size=size, seed=0
                 )
-                data = load_regimes(root)
+                data = {
+                    name: regime.to(device or torch.device("cpu"))
+                    for name, regime in load_regimes(root).items()
+                }
                 for regime in regimes:
                     for model in models:
                         for seed in seeds:

@@ -60,8 +60,19 @@ def test_one_tiny_run_records_every_figure(model: str) -> None:
     assert len(record.val_auroc) == 2
     assert record.best_auroc == pytest.approx(max(record.val_auroc), abs=1e-4)
     assert 0 <= record.held_out_auroc <= 1
+    assert record.device == "cpu"
     if model == "cnn":
         assert record.lesion_lift is None  # a plain CNN has no exact maps
+
+
+def test_a_regime_moves_every_tensor_and_keeps_the_identifiers() -> None:
+    images, labels, masks = make_disc_images(4, 8, seed=0)
+    split = _split(images, labels, masks)
+    moved = Regime(split, split, split).to(torch.device("meta"))
+    for part in (moved.train, moved.val, moved.held_out):
+        tensors = [part.images, part.labels, *part.masks.values(), *part.has_mask.values()]
+        assert all(tensor.device.type == "meta" for tensor in tensors)
+        assert part.patient_ids == split.patient_ids and part.files == split.files
 
 
 def _record(model: str, seed: int, epochs: int | None, best: float) -> RunRecord:
@@ -108,3 +119,10 @@ def test_a_new_result_replaces_matching_runs_and_keeps_the_others() -> None:
     assert merged["summary"]["easy"]["64"]["site_a"]["sic"]["seeds"] == 2
     assert merged["sic_vs_cnn_auroc_ratio"]["easy"] == pytest.approx(0.96 / 1.0)
     assert merged["epochs"] == {"easy": 8}
+
+
+def test_runs_recorded_before_the_device_field_read_as_cpu_runs() -> None:
+    legacy = asdict(_record("cnn", 0, 2, 1.0))
+    del legacy["device"]
+    merged = combine(None, {"epochs": {"easy": 8}, "runs": [legacy]})
+    assert merged["runs"][0] == {**legacy, "device": "cpu"}
