@@ -17,8 +17,9 @@ machine: ``sic_vs_cnn_auroc_ratio`` (mean best AUROC) and ``sic_vs_cnn_epochs_to
 the demo's size from ``site_a`` alone.
 
 Runs train on the CPU by default; ``device`` (``python -m bench --only learning --device
-cuda``) moves the data and models to a GPU, and each run records where it trained, since a
-GPU's kernels do not reproduce a CPU run's numbers exactly.
+cuda``) puts the models on a GPU (the data stays in host memory and goes over in batches, as
+:func:`sic_core.train_sic` expects), and each run records where it trained, since a GPU's
+kernels do not reproduce a CPU run's numbers exactly.
 """
 
 from __future__ import annotations
@@ -85,20 +86,6 @@ class Regime:
     val: SplitData
     held_out: SplitData
 
-    def to(self, device: torch.device) -> Regime:
-        """The same regime with its tensors on ``device``."""
-
-        def move(split: SplitData) -> SplitData:
-            return replace(
-                split,
-                images=split.images.to(device),
-                labels=split.labels.to(device),
-                masks={name: mask.to(device) for name, mask in split.masks.items()},
-                has_mask={name: known.to(device) for name, known in split.has_mask.items()},
-            )
-
-        return Regime(move(self.train), move(self.val), move(self.held_out))
-
 
 def plain_cnn(in_channels: int = 1, num_classes: int = 2, width: int = 32) -> nn.Module:
     """The small B-cos encoder's shape as an ordinary CNN (BatchNorm + ReLU)."""
@@ -141,6 +128,7 @@ def _fit(
     epochs: int,
     seed: int,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
+    device: torch.device,
 ) -> list[float]:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -149,7 +137,7 @@ def _fit(
     for _ in range(epochs):
         model.train()
         for batch in torch.randperm(labels.shape[0], generator=generator).split(32):
-            loss = loss_fn(model(images[batch]), labels[batch])
+            loss = loss_fn(model(images[batch].to(device)), labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -160,7 +148,8 @@ def _fit(
 @torch.no_grad()
 def _auroc(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     model.eval()
-    return auroc(torch.cat([model(chunk) for chunk in images.split(256)]), labels)
+    device = next(model.parameters()).device
+    return auroc(torch.cat([model(chunk.to(device)) for chunk in images.split(256)]), labels)
 
 
 def _nodule_lift(maps: Tensor, predicted: Tensor, data: Regime) -> float | None:
@@ -173,29 +162,34 @@ def _nodule_lift(maps: Tensor, predicted: Tensor, data: Regime) -> float | None:
 
 
 def _linear_head_maps(model: BcosLinearClassifier, images: Tensor) -> tuple[Tensor, Tensor]:
-    """Predictions and exact nodule contribution maps ``sum_c x~_c dz_1/dx~_c``."""
+    """Predictions and exact nodule contribution maps ``sum_c x~_c dz_1/dx~_c`` (on the CPU)."""
     model.eval()
     with explanation_mode(model):  # type: ignore[arg-type]
-        encoded = encode_input(images).requires_grad_(True)
+        encoded = encode_input(images.to(next(model.parameters()).device)).requires_grad_(True)
         logits = model.forward_encoded(encoded)
         (gradient,) = torch.autograd.grad(logits[:, 1].sum(), encoded)
-    return logits.detach().argmax(1), (encoded * gradient).sum(1).detach()
+    return logits.detach().argmax(1).cpu(), (encoded * gradient).sum(1).detach().cpu()
 
 
-def train_one(model_name: str, data: Regime, *, epochs: int, seed: int) -> RunRecord:
-    """Train ``model_name`` on ``data`` for ``epochs`` and score it (preset/size filled later).
-
-    The model trains on the device that holds ``data`` (see :meth:`Regime.to`).
-    """
+def train_one(
+    model_name: str,
+    data: Regime,
+    *,
+    epochs: int,
+    seed: int,
+    device: torch.device | None = None,
+) -> RunRecord:
+    """Train ``model_name`` on ``data`` (host memory) for ``epochs`` on ``device`` (default:
+    the CPU) and score it; preset, size and regime are filled in by the caller."""
+    device = device or torch.device("cpu")
     torch.manual_seed(seed)
-    device = data.train.images.device
     lift: float | None = None
     if model_name == "cnn":
         model: nn.Module = plain_cnn().to(device)
-        curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=F.cross_entropy)
+        curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=F.cross_entropy, device=device)
     elif model_name == "bcos_linear":
         model = BcosLinearClassifier().to(device)
-        curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=sic_loss)
+        curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=sic_loss, device=device)
         predicted, maps = _linear_head_maps(model, data.val.images)
         lift = _nodule_lift(maps, predicted, data)
     elif model_name == "sic":
@@ -209,7 +203,7 @@ def train_one(model_name: str, data: Regime, *, epochs: int, seed: int) -> RunRe
             val_labels=data.val.labels,
         )
         curve = [float(record.val_auroc or math.nan) for record in history.epochs]
-        result = explain(model, data.val.images, target=torch.ones_like(data.val.labels))
+        result = explain(model, data.val.images.to(device), target=torch.ones_like(data.val.labels))
         lift = _nodule_lift(result.class_maps[:, 1], result.predicted, data)
     else:
         raise ValueError(f"model: expected one of {MODELS}, got {model_name!r}")
@@ -338,15 +332,16 @@ def run(
                 root = generate_synthcxr(
                     Path(scratch) / f"{preset}-{size}", preset=preset, size=size, seed=0
                 )
-                data = {
-                    name: regime.to(device or torch.device("cpu"))
-                    for name, regime in load_regimes(root).items()
-                }
+                data = load_regimes(root)
                 for regime in regimes:
                     for model in models:
                         for seed in seeds:
                             record = train_one(
-                                model, data[regime], epochs=EPOCHS[preset], seed=seed
+                                model,
+                                data[regime],
+                                epochs=EPOCHS[preset],
+                                seed=seed,
+                                device=device,
                             )
                             record = replace(record, preset=preset, size=size, regime=regime)
                             console.print(

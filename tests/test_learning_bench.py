@@ -65,16 +65,6 @@ def test_one_tiny_run_records_every_figure(model: str) -> None:
         assert record.lesion_lift is None  # a plain CNN has no exact maps
 
 
-def test_a_regime_moves_every_tensor_and_keeps_the_identifiers() -> None:
-    images, labels, masks = make_disc_images(4, 8, seed=0)
-    split = _split(images, labels, masks)
-    moved = Regime(split, split, split).to(torch.device("meta"))
-    for part in (moved.train, moved.val, moved.held_out):
-        tensors = [part.images, part.labels, *part.masks.values(), *part.has_mask.values()]
-        assert all(tensor.device.type == "meta" for tensor in tensors)
-        assert part.patient_ids == split.patient_ids and part.files == split.files
-
-
 def _record(model: str, seed: int, epochs: int | None, best: float) -> RunRecord:
     return RunRecord(
         model=model,
