@@ -128,8 +128,8 @@ def _fit(
     epochs: int,
     seed: int,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    device: torch.device,
 ) -> list[float]:
+    device = _device_of(model)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images, labels = data.train.images, data.train.labels
@@ -145,10 +145,14 @@ def _fit(
     return curve
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def _auroc(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     model.eval()
-    device = next(model.parameters()).device
+    device = _device_of(model)
     return auroc(torch.cat([model(chunk.to(device)) for chunk in images.split(256)]), labels)
 
 
@@ -165,7 +169,7 @@ def _linear_head_maps(model: BcosLinearClassifier, images: Tensor) -> tuple[Tens
     """Predictions and exact nodule contribution maps ``sum_c x~_c dz_1/dx~_c`` (on the CPU)."""
     model.eval()
     with explanation_mode(model):  # type: ignore[arg-type]
-        encoded = encode_input(images.to(next(model.parameters()).device)).requires_grad_(True)
+        encoded = encode_input(images.to(_device_of(model))).requires_grad_(True)
         logits = model.forward_encoded(encoded)
         (gradient,) = torch.autograd.grad(logits[:, 1].sum(), encoded)
     return logits.detach().argmax(1).cpu(), (encoded * gradient).sum(1).detach().cpu()
@@ -186,10 +190,10 @@ def train_one(
     lift: float | None = None
     if model_name == "cnn":
         model: nn.Module = plain_cnn().to(device)
-        curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=F.cross_entropy, device=device)
+        curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=F.cross_entropy)
     elif model_name == "bcos_linear":
         model = BcosLinearClassifier().to(device)
-        curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=sic_loss, device=device)
+        curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=sic_loss)
         predicted, maps = _linear_head_maps(model, data.val.images)
         lift = _nodule_lift(maps, predicted, data)
     elif model_name == "sic":
