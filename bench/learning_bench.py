@@ -3,8 +3,9 @@
 For each preset, image size, training regime (``site_a`` alone, or the ``pooled`` training
 sites A, B and C) and seed, three models train for the preset's epoch budget:
 
-- ``cnn``: the plain CNN with the small B-cos encoder's widths and strides, BatchNorm + ReLU,
-  global max pool, linear head, cross-entropy (the anchor every ratio is taken against);
+- ``cnn``: :class:`sic_core.posthoc.PlainCNN`, the plain CNN with the small B-cos encoder's
+  widths and strides, BatchNorm + ReLU, global max pool, linear head, cross-entropy (the
+  anchor every ratio is taken against; the same network is SIC's black-box twin);
 - ``bcos_linear``: the small B-cos encoder, global max pool and a ``BcosLinear`` head, BCE;
 - ``sic``: the SIC model trained by :func:`sic_core.train_sic` with its default recipe.
 
@@ -46,6 +47,7 @@ from sic_core.explanations import explanation_mode
 from sic_core.head import sic_loss
 from sic_core.metrics import auroc, mass_lift
 from sic_core.model import encode_input
+from sic_core.posthoc.twin import PlainCNN
 
 MODELS = ("cnn", "bcos_linear", "sic")
 REGIMES = ("site_a", "pooled")
@@ -85,24 +87,6 @@ class Regime:
     train: SplitData
     val: SplitData
     held_out: SplitData
-
-
-def plain_cnn(in_channels: int = 1, num_classes: int = 2, width: int = 32) -> nn.Module:
-    """The small B-cos encoder's shape as an ordinary CNN (BatchNorm + ReLU)."""
-    layers: list[nn.Module] = []
-    previous = in_channels
-    for out_ch, stride in zip(
-        [width, 2 * width, 2 * width, 4 * width, 4 * width], [2, 1, 2, 2, 1], strict=True
-    ):
-        layers += [
-            nn.Conv2d(previous, out_ch, 3, stride=stride, padding=1),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(),
-        ]
-        previous = out_ch
-    return nn.Sequential(
-        *layers, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(previous, num_classes)
-    )
 
 
 class BcosLinearClassifier(nn.Module):
@@ -189,7 +173,7 @@ def train_one(
     torch.manual_seed(seed)
     lift: float | None = None
     if model_name == "cnn":
-        model: nn.Module = plain_cnn().to(device)
+        model: nn.Module = PlainCNN().to(device)
         curve = _fit(model, data, epochs=epochs, seed=seed, loss_fn=F.cross_entropy)
     elif model_name == "bcos_linear":
         model = BcosLinearClassifier().to(device)

@@ -13,7 +13,6 @@ from bench.learning_bench import (
     RunRecord,
     _linear_head_maps,
     combine,
-    plain_cnn,
     summarise,
     train_one,
 )
@@ -31,11 +30,6 @@ def _split(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> S
         patient_ids=[f"p{i}" for i in range(n)],
         files=[f"f{i}" for i in range(n)],
     )
-
-
-def test_the_plain_cnn_mirrors_the_small_encoder_shape() -> None:
-    logits = plain_cnn()(torch.rand(3, 1, 32, 32))
-    assert logits.shape == (3, 2)
 
 
 def test_linear_head_maps_are_complete() -> None:

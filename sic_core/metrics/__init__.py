@@ -20,6 +20,7 @@ from sic_core.metrics.maps import (
 from sic_core.metrics.perturbation import (
     CounterfactualShift,
     DeletionInsertion,
+    MapExplainer,
     blur,
     deletion_insertion,
     inpaint,
@@ -30,10 +31,12 @@ from sic_core.metrics.perturbation import (
 from sic_core.metrics.sanity import (
     DataRandomisationResult,
     GridPointingResult,
+    cascade_rank_correlations,
     cascading_randomisation,
     data_randomisation,
     grid_pointing_game,
     grid_tile_scores,
+    parameter_layers,
     randomisation_layers,
 )
 
@@ -42,9 +45,11 @@ __all__ = [
     "DataRandomisationResult",
     "DeletionInsertion",
     "GridPointingResult",
+    "MapExplainer",
     "auroc",
     "balanced_accuracy",
     "blur",
+    "cascade_rank_correlations",
     "cascading_randomisation",
     "completeness_max_rel_err",
     "data_randomisation",
@@ -58,6 +63,7 @@ __all__ = [
     "marker_counterfactual_shift",
     "mass_lift",
     "max_sensitivity",
+    "parameter_layers",
     "parameter_noise_rank_correlation",
     "pointing_game",
     "randomisation_layers",

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from sic_core.explanations import explain
 from sic_core.metrics.maps import spearman
@@ -21,6 +22,7 @@ from sic_core.model import SICModel
 __all__ = [
     "CounterfactualShift",
     "DeletionInsertion",
+    "MapExplainer",
     "blur",
     "deletion_insertion",
     "inpaint",
@@ -30,6 +32,9 @@ __all__ = [
 ]
 
 _FORWARD_CHUNK = 256
+
+#: ``explainer(model, x, target) -> (B, H, W)`` maps of each image's ``target`` class.
+MapExplainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def blur(x: Tensor, sigma: float) -> Tensor:
@@ -65,7 +70,7 @@ def inpaint(x: Tensor, masks: Tensor, *, sigma: float | None = None) -> Tensor:
 
 
 @torch.no_grad()
-def _target_logits(model: SICModel, x: Tensor, target: Tensor) -> Tensor:
+def _target_logits(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     return model(x).gather(1, target.view(-1, 1)).squeeze(1)
 
 
@@ -84,7 +89,7 @@ class DeletionInsertion:
 
 
 def _curve_auc(
-    model: SICModel,
+    model: nn.Module,
     x: Tensor,
     baseline: Tensor,
     order: Tensor,
@@ -115,7 +120,7 @@ def _curve_auc(
 
 
 def deletion_insertion(
-    model: SICModel,
+    model: nn.Module,
     x: Tensor,
     maps: Tensor,
     target: Tensor,
@@ -128,7 +133,8 @@ def deletion_insertion(
 
     Deletion replaces the most relevant pixels of ``x`` by the baseline in ``steps`` equal
     steps; insertion starts from the baseline and restores them. Baseline ``"blur"`` is a
-    Gaussian blur of ``x`` (sigma = W/8), ``"mean"`` the image's mean intensity.
+    Gaussian blur of ``x`` (sigma = W/8), ``"mean"`` the image's mean intensity. ``model`` is
+    any classifier of images in ``[0, 1]`` returning logits (SIC, or the black-box twin).
     """
     if baseline == "blur":
         reference = blur(x, max(1.0, x.shape[-1] / 8)).clamp(0, 1)
@@ -154,26 +160,50 @@ def deletion_insertion(
     )
 
 
+def _sic_target_maps(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    if not isinstance(model, SICModel):
+        raise ValueError("explainer: required for a model that is not a SICModel")
+    return explain(model, x, target=target, per_support=False).target_maps()
+
+
+@torch.no_grad()
+def _predicted(model: nn.Module, x: Tensor) -> Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x).argmax(dim=1)
+    finally:
+        model.train(was_training)
+
+
 def max_sensitivity(
-    model: SICModel, x: Tensor, *, samples: int = 4, radius: float = 0.02, seed: int = 0
+    model: nn.Module,
+    x: Tensor,
+    *,
+    samples: int = 4,
+    radius: float = 0.02,
+    seed: int = 0,
+    explainer: MapExplainer | None = None,
 ) -> float:
     """Mean over images of ``max_delta ||R(x + delta) - R(x)|| / ||R(x)||``.
 
     ``delta`` is uniform in ``[-radius, radius]`` per pixel (result clipped to [0, 1]); only
-    perturbations that keep the prediction count. ``R`` is the predicted class's map.
+    perturbations that keep the prediction count. ``R`` is the predicted class's map, from
+    ``explainer(model, x, target)`` (default: SIC's exact class maps, for a ``SICModel``), so
+    that post-hoc methods are measured by the same formula.
     """
-    reference = explain(model, x, per_support=False)
-    base_maps = reference.target_maps()
+    explainer = explainer or _sic_target_maps
+    predicted = _predicted(model, x)
+    base_maps = explainer(model, x, predicted).cpu()
     generator = torch.Generator().manual_seed(seed)
     worst = torch.zeros(x.shape[0])
     for _ in range(samples):
         delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * radius
-        perturbed = explain(
-            model, (x + delta.to(x.device)).clamp(0, 1), target=reference.target, per_support=False
-        )
-        change = (perturbed.target_maps() - base_maps).flatten(1).norm(dim=1)
+        perturbed_x = (x + delta.to(x.device)).clamp(0, 1)
+        perturbed = explainer(model, perturbed_x, predicted).cpu()
+        change = (perturbed - base_maps).flatten(1).norm(dim=1)
         ratio = change / base_maps.flatten(1).norm(dim=1).clamp_min(1e-12)
-        same = perturbed.predicted == reference.predicted
+        same = (_predicted(model, perturbed_x) == predicted).cpu()
         worst = torch.where(same, torch.maximum(worst, ratio), worst)
     return float(worst.mean())
 
@@ -219,7 +249,7 @@ class CounterfactualShift:
 
 @torch.no_grad()
 def marker_counterfactual_shift(
-    model: SICModel,
+    model: nn.Module,
     marked: Tensor,
     marker_masks: Tensor,
     clean: Tensor,

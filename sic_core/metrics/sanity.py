@@ -22,24 +22,29 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from sic_core.explanations import explain
 from sic_core.metrics.maps import mass_lift, spearman
+from sic_core.metrics.perturbation import MapExplainer
 from sic_core.model import ModelConfig, SICModel
 from sic_core.support import embed_all
 
 __all__ = [
     "DataRandomisationResult",
     "GridPointingResult",
+    "cascade_rank_correlations",
     "cascading_randomisation",
     "data_randomisation",
     "grid_pointing_game",
     "grid_tile_scores",
+    "parameter_layers",
     "randomisation_layers",
 ]
 
@@ -90,17 +95,17 @@ def _fresh_model(config: ModelConfig, seed: int) -> SICModel:
         return SICModel(replace(config, encoder_cfg=cfg))
 
 
-def randomisation_layers(model: SICModel) -> list[tuple[str, list[str]]]:
-    """The embedder's layers in forward order, each with the module names it owns.
+def parameter_layers(module: nn.Module) -> list[tuple[str, list[str]]]:
+    """``module``'s layers in forward order, each with the module names it owns.
 
     A layer is a module holding a weight matrix or filter bank (a parameter of dimension
-    >= 2) together with the modules after it that hold only per-channel parameters (the
-    bias-free norm's scale). Names are relative to ``model.embedder``: the common prefix of
-    the layer's modules, e.g. ``encoder.layers.4`` (convolution + norm) or ``projection``.
+    >= 2) together with the modules after it that hold only per-channel parameters (a
+    norm's scale and shift). Names are relative to ``module``: the common prefix of the
+    layer's modules, e.g. ``encoder.layers.4`` (convolution + norm) or ``projection``.
     """
     groups: list[list[str]] = []
-    for name, module in model.embedder.named_modules():
-        own = list(module.parameters(recurse=False))
+    for name, child in module.named_modules():
+        own = list(child.parameters(recurse=False))
         if not own:
             continue
         if any(p.dim() >= 2 for p in own) or not groups:
@@ -119,6 +124,55 @@ def randomisation_layers(model: SICModel) -> list[tuple[str, list[str]]]:
             common = common[:-1]  # the bcos modules keep their weights in an inner `.linear`
         layers.append((".".join(common) or members[0], members))
     return layers
+
+
+def randomisation_layers(model: SICModel) -> list[tuple[str, list[str]]]:
+    """The embedder's layers in forward order (:func:`parameter_layers` of ``model.embedder``)."""
+    return parameter_layers(model.embedder)
+
+
+def cascade_rank_correlations(
+    model: nn.Module,
+    images: Tensor,
+    target: Tensor,
+    explainer: MapExplainer,
+    *,
+    fresh: nn.Module,
+    layers: list[tuple[str, list[str]]],
+    refresh: Callable[[nn.Module], None] | None = None,
+) -> list[tuple[str, float]]:
+    """Cascading parameter randomisation of any model and explainer, output side first.
+
+    ``layers`` name the modules of ``model`` per layer in forward order (e.g.
+    :func:`parameter_layers`). Step 0 (``"none"``) randomises nothing; step ``j`` copies the
+    parameters and buffers (BatchNorm running statistics) of the top ``j`` layers from
+    ``fresh`` (a newly initialised model of the same architecture), calls ``refresh`` on the
+    randomised copy (SIC re-embeds its supports) and reports::
+
+        rho_j = median_i Spearman(R^{t_i}_orig(x_i), R^{t_i}_rand_j(x_i))
+
+    with ``R = explainer(model, x, t)``. ``model`` is deep-copied, never modified.
+    """
+    original = explainer(model, images, target).cpu()
+    randomised = copy.deepcopy(model)
+    fresh_modules = dict(fresh.named_modules())
+    own_modules = dict(randomised.named_modules())
+    steps: list[tuple[str, list[str]]] = [("none", []), *reversed(layers)]
+    result = []
+    for layer, members in steps:
+        with torch.no_grad():
+            for name in members:
+                own, new = own_modules[name], fresh_modules[name]
+                for key, value in [
+                    *own.named_parameters(recurse=False),
+                    *own.named_buffers(recurse=False),
+                ]:
+                    value.copy_(getattr(new, key))
+        if refresh is not None:
+            refresh(randomised)
+        maps = explainer(randomised, images, target).cpu()
+        result.append((layer, float(spearman(original, maps).median())))
+    return result
 
 
 def cascading_randomisation(
@@ -160,23 +214,22 @@ def cascading_randomisation(
         )
     labels = model.support_labels.detach().clone()
     predicted = _predict(model, images)
-    original, _ = _class_maps(model, images, predicted)
-    randomised = copy.deepcopy(model)
+
+    def refresh(randomised: nn.Module) -> None:
+        sic = cast(SICModel, randomised)
+        sic.set_support(embed_all(sic, support_images), labels)
+
+    def class_maps(explained: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+        return _class_maps(cast(SICModel, explained), x, target)[0]
+
     fresh = _fresh_model(model.config, seed).to(_device(model))
-    fresh_modules = dict(fresh.embedder.named_modules())
-    own_modules = dict(randomised.embedder.named_modules())
-    steps: list[tuple[str, list[str]]] = [("none", [])]
-    steps += list(reversed(randomisation_layers(randomised)))
-    result = []
-    for layer, members in steps:
-        with torch.no_grad():
-            for name in members:
-                for key, parameter in own_modules[name].named_parameters(recurse=False):
-                    parameter.copy_(getattr(fresh_modules[name], key))
-        randomised.set_support(embed_all(randomised, support_images), labels)
-        maps, _ = _class_maps(randomised, images, predicted)
-        result.append((layer, float(spearman(original, maps).median())))
-    return result
+    layers = [
+        (name, [f"embedder.{member}" for member in members])
+        for name, members in randomisation_layers(model)
+    ]
+    return cascade_rank_correlations(
+        model, images, predicted, class_maps, fresh=fresh, layers=layers, refresh=refresh
+    )
 
 
 def grid_tile_scores(maps: Tensor, positive_tile: Tensor, grid: int) -> tuple[Tensor, Tensor]:
