@@ -15,6 +15,10 @@ Examples
     python -m bench --only learning --presets hard --regimes pooled --models cnn
     python -m bench --only learning --device cuda --sizes 128 --regimes pooled --presets easy
                                          # on a GPU; each run records its device
+    python -m bench --only explainers    # SIC against post-hoc explanations of its black-box
+                                         # twin, easy and default at 64 px, 3 seeds; merges
+                                         # into results/explainers.json
+    python -m bench --only explainers --presets easy --seeds 1 --first-seed 2
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("training", "dp", "data", "round", "explain")
 #: Sections run only when named with --only (too slow for `make bench`, or an extra needed);
 #: each appends its record to results/<name>.json.
-OPTIONAL_SECTIONS = ("scale", "learning")
+OPTIONAL_SECTIONS = ("scale", "learning", "explainers")
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 console = Console()
@@ -99,7 +103,12 @@ def main(
     regimes: Annotated[
         list[str] | None, typer.Option(help="learning: site_a and/or pooled (default: both)")
     ] = None,
-    seeds: Annotated[int, typer.Option(min=1, help="learning: seeds per combination")] = 3,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="learning, explainers: seeds per combination")
+    ] = 3,
+    first_seed: Annotated[
+        int, typer.Option(min=0, help="explainers: the first seed (seeds first..first+n-1)")
+    ] = 0,
     models: Annotated[
         list[str] | None,
         typer.Option(help="learning: cnn, bcos_linear and/or sic (default: all three)"),
@@ -113,6 +122,9 @@ def main(
         raise typer.BadParameter(
             f"unknown section(s) {unknown}; expected some of {SECTIONS + OPTIONAL_SECTIONS}"
         )
+    if sections == ["explainers"]:
+        _explainers(out, presets=presets, seeds=range(first_seed, first_seed + seeds))
+        return
     if sections == ["learning"]:
         _learning(
             chosen, out, presets=presets, sizes=sizes, regimes=regimes, models=models, seeds=seeds
@@ -207,6 +219,42 @@ def _learning(
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(record, indent=2) + "\n")
+    console.print(f"written {target}")
+
+
+def _explainers(out: Path | None, *, presets: list[str] | None, seeds: range) -> None:
+    from bench import explainers_bench
+
+    chosen = presets or list(explainers_bench.PRESETS)
+    bad = sorted(set(chosen) - set(explainers_bench.PRESETS))
+    if bad:
+        raise typer.BadParameter(
+            f"unknown {bad}; expected some of {explainers_bench.PRESETS}", param_hint="--presets"
+        )
+    result = explainers_bench.run(presets=chosen, seeds=seeds)
+    target = out or RESULTS / "explainers.json"
+    previous = json.loads(target.read_text()) if target.is_file() else None
+    record = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(torch.device("cpu")),
+        **explainers_bench.combine(previous, result),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    table = Table(title="SIC and post-hoc explanations: best method per metric")
+    for column in ("preset", "metric", "best", "value", "runner-up", "margin"):
+        table.add_column(column)
+    for preset, metrics in record["summary"]["winners"].items():
+        for metric, win in metrics.items():
+            table.add_row(
+                preset,
+                metric,
+                win["best"],
+                f"{win['value']:.3g}",
+                win["runner_up"],
+                f"{win['margin']:.3g}",
+            )
+    console.print(table)
     console.print(f"written {target}")
 
 

@@ -69,7 +69,12 @@ def _layer_output(model: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
 def feature_statistics(
     model: nn.Module, layer: nn.Module, images: Tensor, *, batch_size: int = 128
 ) -> FeatureStatistics:
-    """``mu_R`` and ``sigma_R`` of ``layer``'s output over ``images (N, C, H, W)``."""
+    """``mu_R`` and ``sigma_R`` of ``layer``'s output over ``images (N, C, H, W)``, N >= 2."""
+    if images.shape[0] < 2:
+        raise ValueError(
+            "images: the feature statistics need at least 2 reference images, "
+            f"got {images.shape[0]}"
+        )
     was_training = model.training
     model.eval()
     try:

@@ -218,8 +218,9 @@ def _superpixel_attribution(
     maps = []
     for index in range(x.shape[0]):
         mask = superpixels(x[index], n_segments=n_segments, compactness=compactness)
-        # Captum samples with the global RNG: seeding per image makes every map reproducible.
-        torch.manual_seed(seed + index)
+        # Captum samples with the global RNG: the same seed for every image makes each map
+        # reproducible and independent of the image's place in the batch.
+        torch.manual_seed(seed)
         attribution = attribute(
             x[index : index + 1],
             baselines=0.0,
