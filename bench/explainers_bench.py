@@ -41,7 +41,7 @@ from sic_core.posthoc.scoring import AuditCases, ScoringConfig, score_method
 from sic_core.support import select_support
 from sic_core.wire_posthoc import METHOD_NAMES, PosthocMetric
 
-__all__ = ["DIRECTIONS", "PRESETS", "combine", "run", "summarise"]
+__all__ = ["DIRECTIONS", "PRESETS", "combine", "registry", "run", "summarise"]
 
 PRESETS = ("easy", "default")
 SIZE = 64
@@ -202,6 +202,19 @@ def run_one(preset: str, seed: int, data, *, config: ScoringConfig) -> list[dict
     return runs
 
 
+def registry() -> dict[str, dict[str, object]]:
+    """Every method's library, explained model, settings and cost class (JSON-ready)."""
+    return {
+        name: {
+            "library": entry.library,
+            "explains": entry.explains,
+            "settings": dict(entry.settings),
+            "expensive": entry.expensive,
+        }
+        for name, entry in METHODS.items()
+    }
+
+
 def _finite(values: Iterable[float]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
@@ -261,7 +274,8 @@ def combine(previous: dict | None, fresh: dict) -> dict[str, object]:
     speed = fresh["summary"].get("quantus_speed") or (previous or {}).get("summary", {}).get(
         "quantus_speed", {}
     )
-    return {"runs": merged, "summary": {**summarise(merged), "quantus_speed": speed}}
+    summary = {**summarise(merged), "quantus_speed": speed, "methods": registry()}
+    return {"runs": merged, "summary": summary}
 
 
 def run(
@@ -285,4 +299,5 @@ def run(
                 maps = torch.rand(256, SIZE, SIZE)
                 masks = torch.rand(256, SIZE, SIZE) > 0.9
                 speed = _quantus_speed(maps, masks)
-    return {"runs": runs, "summary": {**summarise(runs), "quantus_speed": speed}}
+    summary = {**summarise(runs), "quantus_speed": speed, "methods": registry()}
+    return {"runs": runs, "summary": summary}
