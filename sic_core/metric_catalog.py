@@ -121,6 +121,15 @@ class MetricDefinition:
             return value < self.threshold
         return value > self.threshold
 
+    def name_for(self, key: str) -> str:
+        """:attr:`name` with the class index or phase that ``key`` fills in (``{c}``)."""
+        pattern = "^" + re.escape(self.key).replace(r"\{c\}", "(?P<c>[0-9]+)")
+        pattern = pattern.replace(r"\{phase\}", "(?P<phase>[a-z]+)") + "$"
+        match = re.match(pattern, key)
+        if match is None:
+            return self.name
+        return self.name.format(**match.groupdict())
+
     def rule(self) -> str:
         """The threshold or flag rule in words (empty if there is none)."""
         if self.flag_rule:
@@ -460,8 +469,8 @@ METRICS: tuple[MetricDefinition, ...] = (
     ),
     MetricDefinition(
         key="xai/support_jaccard/c{c}",
-        name="Support-set stability of class c",
-        meaning="Overlap of class c's support images this round and last round.",
+        name="Support-set stability of class {c}",
+        meaning="Overlap of the class's support images this round and last round.",
         formula="|A ∩ B| / |A ∪ B| of the two rounds' support image ids of the class",
         value_range="0 to 1",
         direction=Direction.HIGHER,
@@ -683,7 +692,7 @@ METRICS: tuple[MetricDefinition, ...] = (
     # ----------------------------------------------------------------- federation
     MetricDefinition(
         key="fed/{phase}_ok",
-        name="Site's reply accepted",
+        name="Site's {phase} reply accepted",
         meaning="1 when the site's reply in that phase (train, support, evaluate) was "
         "accepted this round, 0 when it failed, was rejected or never came.",
         formula="[reply status == ok]",
@@ -694,7 +703,7 @@ METRICS: tuple[MetricDefinition, ...] = (
     ),
     MetricDefinition(
         key="fed/{phase}_sites_ok",
-        name="Sites accepted",
+        name="Sites accepted in {phase}",
         meaning="How many sites' replies were accepted in that phase this round.",
         formula="count of accepted replies",
         value_range="0 to the number of sites",
@@ -704,7 +713,7 @@ METRICS: tuple[MetricDefinition, ...] = (
     ),
     MetricDefinition(
         key="fed/{phase}_sites_failed",
-        name="Sites failed",
+        name="Sites failed in {phase}",
         meaning="How many sampled sites failed, were rejected or did not reply in that phase.",
         formula="count of replies with another status than ok (absent sites included)",
         value_range="0 to the number of sites",

@@ -275,7 +275,7 @@ def _metric_cell(key: str) -> str:
     if definition is None:
         return f"<code>{_escape(key)}</code>"
     return (
-        f'<a href="#ref-{metric_anchor(key)}">{_escape(definition.name)}</a>'
+        f'<a href="#ref-{metric_anchor(key)}">{_escape(definition.name_for(key))}</a>'
         f'<br><code class="key">{_escape(key)}</code>'
     )
 

@@ -129,3 +129,12 @@ def test_the_dashboard_names_each_metric_and_links_its_entry():
     assert 'id="ref-perf-auroc"' in page
     # Each entry says what to do about it.
     assert "counterfactual" in page.split(f'id="ref-{anchor}"', 1)[1]
+
+
+def test_keys_with_a_class_index_or_phase_find_their_template():
+    jaccard = metric_definition("xai/support_jaccard/c1")
+    assert jaccard.key == "xai/support_jaccard/c{c}"
+    assert jaccard.name_for("xai/support_jaccard/c1").endswith("class 1")
+    assert metric_definition("fed/evaluate_ok").name_for("fed/evaluate_ok").count("evaluate") == 1
+    assert metric_definition("xai/support_jaccard/cx") is None
+    assert metric_definition("fed/nonsense_ok") is None
