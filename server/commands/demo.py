@@ -334,6 +334,9 @@ def demo(
         raise typer.BadParameter("choose 64 or 128", param_hint="--size")
     home = (home if out is None else out).resolve()
     num_sites = num_sites if sites is None else sites
+    console.print(
+        f"Demo federation of {num_sites} sites, {rounds} rounds, in {home}", soft_wrap=True
+    )
     warm = dp if public_init is None else public_init
     coordinator = Coordinator(home)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
