@@ -7,15 +7,15 @@ runs the federation, prints a per-round table and where the reports and the MLfl
 are, and stops every process it started, also on Ctrl-C, SIGTERM and failure. Layout
 under ``--home`` (a coordinator folder, as ``python -m server start`` makes)::
 
-    DIR/sites/<site>/        SynthCXR site data, site.yaml, keys/, state/ (cache, reports,
+    HOME/sites/<site>/       SynthCXR site data, site.yaml, keys/, state/ (cache, reports,
                              FLWR_HOME)
-    DIR/tls/                 the demo's throw-away CA and SuperLink certificate
-    DIR/public/              public SynthCXR (another seed) and init.pt, the public warm
+    HOME/tls/                the demo's throw-away CA and SuperLink certificate
+    HOME/public/             public SynthCXR (another seed) and init.pt, the public warm
                              start (with --dp or --public-init)
-    DIR/mlflow/mlflow.db     MLflow store; artifacts in DIR/mlflow/artifacts
-    DIR/checkpoints/<run>/   one atomic checkpoint per round
-    DIR/runs/<run>/          rounds.jsonl and status.json
-    DIR/logs/                one log per process
+    HOME/mlflow/mlflow.db    MLflow store; artifacts in HOME/mlflow/artifacts
+    HOME/checkpoints/<run>/  one atomic checkpoint per round
+    HOME/runs/<run>/         rounds.jsonl, status.json, audit.jsonl, reports/
+    HOME/logs/               one log per process
 """
 
 from __future__ import annotations
