@@ -132,3 +132,15 @@ def test_the_runs_table_link_opens_the_model_training_view() -> None:
         "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
     )
     assert runs_table_url("sqlite:///mlflow.db", "7") is None
+
+
+def test_report_still_takes_run_id_as_an_option_with_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "4242").mkdir(parents=True)
+    for argv in (
+        ["--home", str(tmp_path), "--run-id", "4242"],
+        [str(tmp_path), "--run-id", "4242"],
+    ):
+        result = CliRunner().invoke(app, ["report", *argv])
+        assert result.exit_code == 2  # the run was found; it has no checkpoint to read
+        assert "no checkpoint of run 4242" in " ".join(result.output.split())
+        assert "warning: --run-id is deprecated, use RUN_ID" in result.stderr
