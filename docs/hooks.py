@@ -283,20 +283,40 @@ def run_config_reference() -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
+_RICH_TAG = re.compile(r"\[/?(?:bold|b|italic|i|dim|red|green|yellow|cyan|code)\]")
+
+
+def _commands_block(body: str) -> str:
+    """Indented example lines as one bash block; a line that does not start a command
+    continues the one before it (help texts wrap long commands)."""
+    commands: list[str] = []
+    for line in textwrap.dedent(body).splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if commands and not line.startswith(("python", "make", "docker", "#", "flwr")):
+            commands[-1] += " \\\n    " + line
+        else:
+            commands.append(line)
+    return "```bash\n" + "\n".join(commands) + "\n```"
+
+
 def _help_markdown(text: str) -> str:
-    """A command's docstring as Markdown: numpy ``Examples`` sections become code blocks."""
-    text = inspect.cleandoc(text or "")
+    """A command's help as Markdown: numpy ``Examples`` sections and rich ``[bold]Examples``
+    headings followed by indented lines become bash blocks."""
+    text = inspect.cleandoc(text or "").replace("\b\n", "")
+    text = re.sub(r"\[bold\]([^\[]+)\[/bold\]\n", r"\1\n---\n", text)
+    text = _RICH_TAG.sub("", text)
     out: list[str] = []
     blocks = re.split(r"\n(?=[A-Z][A-Za-z ]+\n-{3,}\n)", text)
     for block in blocks:
         match = re.match(r"([A-Z][A-Za-z ]+)\n-{3,}\n(.*)", block, re.DOTALL)
         if match is None:
-            out.append(block.replace("\b\n", ""))
+            out.append(block)
             continue
         title, body = match.groups()
         if title.strip() == "Examples":
-            commands = textwrap.dedent(body).strip()
-            out.append(f"**Examples**\n\n```bash\n{commands}\n```")
+            out.append(f"**Examples**\n\n{_commands_block(body)}")
         else:
             out.append(f"**{title.strip()}**\n\n{textwrap.dedent(body).strip()}")
     return "\n\n".join(out)

@@ -467,9 +467,17 @@ def _breakable(name: str) -> str:
     return _escape(name).replace("/", "/<wbr>").replace("_", "_<wbr>")
 
 
+def _header_title(key: str) -> str:
+    """A ``title`` attribute naming a metric column in plain words (shown on hover)."""
+    definition = metric_definition(key)
+    if definition is None:
+        return ""
+    return f' title="{_escape(definition.name_for(key))}: {_escape(definition.direction)}"'
+
+
 def _summary_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """A table of pre-rendered cells that scrolls inside the page instead of overflowing it."""
-    head = "".join(f"<th>{_breakable(h)}</th>" for h in header)
+    head = "".join(f"<th{_header_title(h)}>{_breakable(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return (
         f'<div class="scroll"><table class="summary"><thead><tr>{head}</tr></thead>'
