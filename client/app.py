@@ -15,7 +15,12 @@ data come from the on-disk cache of :func:`client.data.load_site_data`):
   round report (:mod:`client.round_report`): the full copy stays in the site's state
   folder, the redacted one (or the full one, where sharing is allowed) goes to the server.
 
-Every reply names the site (its pseudonym) in a ``site`` record. The :func:`sanitise_errors`
+Every handler computes on the site's ``compute.device`` (:mod:`client.device`): the model
+is built there, the cached images stay in host memory and move to it batch by batch, and
+everything that goes on the wire is copied back to the CPU first.
+
+Every reply names the site (its pseudonym and its device label, :attr:`SiteKey.DEVICE`) in a
+``site`` record. The :func:`sanitise_errors`
 mod turns any failure into a fixed reason code; the full error stays in the site's log.
 Per-site memory across rounds (rounds trained, last local supports) lives in
 ``context.state``.
@@ -31,6 +36,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -44,6 +50,7 @@ from flwr.clientapp import ClientApp
 
 from client.config import SiteConfig, load_site_config
 from client.data import load_site_data, training_augmentation
+from client.device import device_label, site_device
 from client.mods import sanitise_errors
 from client.privacy.central import central_dp_clipping
 from client.privacy.ledger import PrivacyLedger
@@ -133,12 +140,19 @@ def _record(message: Message, key: RecordKey, kind: type) -> object:
     return record
 
 
-def _reply(message: Message, config: SiteConfig, metrics: dict[str, float], **records) -> Message:
+def _reply(
+    message: Message,
+    config: SiteConfig,
+    device: torch.device,
+    metrics: dict[str, float],
+    **records,
+) -> Message:
+    site = ConfigRecord({str(SiteKey.NAME): config.name, str(SiteKey.DEVICE): device_label(device)})
     content = RecordDict(
         {
             **{str(key): value for key, value in records.items()},
             str(RecordKey.METRICS): MetricRecord(metrics),
-            str(RecordKey.SITE): ConfigRecord({str(SiteKey.NAME): config.name}),
+            str(RecordKey.SITE): site,
         }
     )
     return Message(content, reply_to=message)
@@ -186,7 +200,10 @@ def train(message: Message, context: Context) -> Message:
     if "batch_size" in config.training.model_fields_set:
         settings = replace(settings, batch_size=config.training.batch_size)
     support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
-    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), support)
+    device = site_device(config)
+    model = build_model(
+        spec, _record(message, RecordKey.ARRAYS, ArrayRecord), support, device=device
+    )
     data = load_site_data(config)
     split = data.split("train")
     augmentation = training_augmentation(config)
@@ -228,7 +245,7 @@ def train(message: Message, context: Context) -> Message:
         str(TrainMetric.DP_EPSILON): epsilon,
         str(TrainMetric.COLLAPSED): int(history.collapsed),
     }
-    return _reply(message, config, metrics, **{str(RecordKey.ARRAYS): weights})
+    return _reply(message, config, device, metrics, **{str(RecordKey.ARRAYS): weights})
 
 
 @app.query(str(QueryName.SUPPORT))
@@ -239,7 +256,8 @@ def support(message: Message, context: Context) -> Message:
     started = time.perf_counter()
     config = site_config(context)
     round_config, spec = _spec(message, config, context.node_config[SITE_CONFIG_KEY])
-    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), None)
+    device = site_device(config)
+    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), None, device=device)
     split = load_site_data(config).split("train")
     seed = int(config_value(round_config, ConfigKey.SEED, int))
     if uses_dp(bool(config_value(round_config, ConfigKey.DP, bool)), config):
@@ -269,7 +287,7 @@ def support(message: Message, context: Context) -> Message:
             str(ArrayKey.COUNTS): Array(stats.counts.float().numpy()),
         }
     )
-    return _reply(message, config, metrics, **{str(RecordKey.STATS): record})
+    return _reply(message, config, device, metrics, **{str(RecordKey.STATS): record})
 
 
 @app.evaluate()
@@ -282,7 +300,10 @@ def evaluate(message: Message, context: Context) -> Message:
     round_config, spec = _spec(message, config, context.node_config[SITE_CONFIG_KEY])
     server_round = int(config_value(round_config, ConfigKey.SERVER_ROUND, int))
     global_support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
-    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), global_support)
+    device = site_device(config)
+    model = build_model(
+        spec, _record(message, RecordKey.ARRAYS, ArrayRecord), global_support, device=device
+    )
     data = load_site_data(config)
     train_split, val_split = data.split("train"), data.split("val")
     result = evaluate_locally(
@@ -350,7 +371,7 @@ def evaluate(message: Message, context: Context) -> Message:
         round_report_dir(config, server_round),
     )
     report_record = ConfigRecord({str(ReportKey.JSON): json.dumps(report, allow_nan=False)})
-    return _reply(message, config, metrics, **{str(RecordKey.REPORT): report_record})
+    return _reply(message, config, device, metrics, **{str(RecordKey.REPORT): report_record})
 
 
 def _finite_or_chance(value: float) -> float:

@@ -387,7 +387,9 @@ def join(
 ) -> None:
     """Join a federation: start this site's Flower SuperNode.
 
-    First checks the site's data: a missing data root, no training or validation images, or
+    First checks the compute device: a GPU that compute.device asks for but this machine
+    lacks stops the join with exit code 2 naming the field and what was found. Then checks
+    the site's data: a missing data root, no training or validation images, or
     labels outside the class list stop the join with exit code 1 naming the problem (unless
     --allow-empty). Before connecting, checks that the TLS settings fit the SuperLink (a
     wrong CA or TLS mode stops here with one line naming the cause). Every app bundle the
@@ -403,10 +405,16 @@ def join(
     python -m client join --site site.yaml --insecure --allow-any-app --allow-empty
     """
     from client.config import load_site_config
-    from sic_core.errors import SicfedError
+    from client.device import describe_device, site_device
+    from sic_core.errors import ConfigError, SicfedError
 
     try:
         config = load_site_config(site)
+        try:
+            device = site_device(config)
+        except ConfigError as error:
+            raise ConfigError(f"{site}: {error}") from None
+        console.print(f"Compute device: {describe_device(device)}")
         if not insecure and root_certificates is None:
             raise typer.BadParameter(
                 "give --root-certificates (TLS) or --insecure (loopback only)",
