@@ -5,6 +5,8 @@ Examples
     python -m bench                      # CPU, writes bench/results/cpu.json
     python -m bench --device cuda        # GPU, writes bench/results/gpu.json
     python -m bench --only training      # one section
+    python -m bench --only site          # one site's message overhead and training on the
+                                         # device (--device cuda: on the GPU)
     python -m bench --only scale         # 10/30/100 simulated sites (minutes; needs the
                                          # [simulation] extra); appends results/scale.json
     python -m bench --only learning      # SIC vs a plain CNN on every preset, 64 and 128 px,
@@ -33,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("training", "dp", "data", "round", "explain")
+SECTIONS = ("training", "dp", "data", "round", "explain", "site")
 #: Sections run only when named with --only (too slow for `make bench`, or an extra needed);
 #: each appends its record to results/<name>.json.
 OPTIONAL_SECTIONS = ("scale", "learning")
@@ -62,6 +64,10 @@ def _run_section(name: str, device: torch.device, workdir: Path) -> dict[str, fl
 
         size = 128 if device.type == "cuda" else 64
         return run(device, size=size, repeats=10 if device.type == "cuda" else 5)
+    if name == "site":
+        from bench.site_bench import run as run_site
+
+        return run_site(workdir, device)
     if name == "dp":
         from bench.dp_bench import run as run_dp
 

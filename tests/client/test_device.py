@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from typer.testing import CliRunner
 
 import client.app as client_module
@@ -25,17 +25,25 @@ from client.app import app
 from client.cli import app as cli
 from client.config import load_site_config
 from client.device import describe_device, device_label, resolve_device
-from server.app import initial_weights, round_configs
-from server.settings import RunSettings
 from server.sites import site_device_in
-from server.strategy import SUPPORT_MESSAGE_TYPE, support_record
+from sic_core import create_model
 from sic_core.errors import ConfigError
-from sic_core.support import SupportSet
-from sic_core.wire import SITE_DEVICE_PATTERN, RecordKey, SiteKey, parse_error
+from sic_core.wire import (
+    SITE_DEVICE_PATTERN,
+    SUPPORT_BUFFER_KEYS,
+    ArrayKey,
+    ConfigKey,
+    QueryName,
+    RecordKey,
+    SiteKey,
+    parse_error,
+)
 from tests.server.fedkit import server_identity, write_site
 
+# Messages are built from sic_core alone, so that these tests need no coordinator packages
+# (MLflow) on a GPU machine.
 SIZE = 16
-SETTINGS = RunSettings.from_run_config({"image-size": SIZE, "local-epochs": 1, "batch-size": 8})
+SUPPORT_MESSAGE_TYPE = f"{MessageType.QUERY}.{QueryName.SUPPORT}"
 RUNNER = CliRunner()
 NO_CUDA = not torch.cuda.is_available()
 
@@ -50,23 +58,44 @@ def _site(root: Path, name: str, device: str, **extra: object) -> Path:
 
 
 def _incoming(message_type: str, *, server_round: int = 2) -> Message:
-    arrays, _ = initial_weights(SETTINGS)
-    train_config, evaluate_config = round_configs(SETTINGS)
-    config = ConfigRecord(
-        dict(train_config if message_type == MessageType.TRAIN else evaluate_config)
+    """A message as the server sends it: global weights, support set and round config."""
+    torch.manual_seed(0)
+    model = create_model("bcos_cnn_small", in_channels=1, num_classes=2)
+    arrays = ArrayRecord(
+        {
+            key: Array(value.numpy())
+            for key, value in model.state_dict().items()
+            if key not in SUPPORT_BUFFER_KEYS
+        }
     )
-    config["server-round"] = server_round
+    config = ConfigRecord(
+        {
+            str(ConfigKey.SERVER_ROUND): server_round,
+            str(ConfigKey.ENCODER): "bcos_cnn_small",
+            str(ConfigKey.NUM_CLASSES): 2,
+            str(ConfigKey.N_SHOT): 3,
+            str(ConfigKey.PROJ_DIM): 128,
+            str(ConfigKey.IMAGE_SIZE): SIZE,
+            str(ConfigKey.LOCAL_EPOCHS): 1,
+            str(ConfigKey.LR): 5e-4,
+            str(ConfigKey.BATCH_SIZE): 8,
+            str(ConfigKey.SEED): 0,
+            str(ConfigKey.DP): False,
+            str(ConfigKey.ANCHOR_ROUNDS): 1,
+        }
+    )
     generator = torch.Generator().manual_seed(0)
-    support = SupportSet(
-        vectors=torch.rand(6, 128, generator=generator),
-        labels=torch.tensor([0, 0, 0, 1, 1, 1]),
-        indices=torch.full((6,), -1),
+    support = ArrayRecord(
+        {
+            str(ArrayKey.VECTORS): Array(torch.rand(6, 128, generator=generator).numpy()),
+            str(ArrayKey.LABELS): Array(torch.tensor([0, 0, 0, 1, 1, 1]).numpy()),
+        }
     )
     content = RecordDict(
         {
             str(RecordKey.ARRAYS): arrays,
             str(RecordKey.CONFIG): config,
-            str(RecordKey.SUPPORT): support_record(support),
+            str(RecordKey.SUPPORT): support,
         }
     )
     with server_identity():
