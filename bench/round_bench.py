@@ -50,11 +50,18 @@ PHASE_STARTUP = {
 
 
 def federate(
-    workdir: Path, data: Path, *, tuned: bool, settings: dict[str, Any] | None = None
+    workdir: Path,
+    data: Path,
+    *,
+    tuned: bool,
+    settings: dict[str, Any] | None = None,
+    worker: bool | None = None,
 ) -> list[dict]:
     """Run one federation of the three SynthCXR sites in ``data``; return its round log.
 
-    ``settings`` override the run config of the overhead measurement (32 px, one epoch).
+    ``settings`` override the run config of the overhead measurement (32 px, one epoch);
+    ``worker`` starts every site with ``join --worker`` or ``--no-worker`` (``None``: join's
+    default).
     """
     coordinator = Coordinator(workdir)
     task_poll = TASK_POLL_INTERVAL if tuned else None
@@ -74,6 +81,7 @@ def federate(
                 threads=1,
                 warm=tuned,
                 task_poll_interval=task_poll,
+                worker=worker,
             )
         wait_for_sites(coordinator, len(SITES), timeout=300, group=group)
         overrides: dict[str, Any] = {
