@@ -4,7 +4,8 @@ Examples
 --------
     python -m bench                      # CPU, writes bench/results/cpu.json
     python -m bench --device cuda        # GPU, writes bench/results/gpu.json
-    python -m bench --only training      # one section
+    python -m bench --only training      # one section (its figures replace theirs in
+                                         # results/cpu.json; the others stay)
     python -m bench --only site          # one site's message overhead and training on the
                                          # device (--device cuda: on the GPU)
     python -m bench --only scale         # 10/30/100 simulated sites (minutes; needs the
@@ -157,6 +158,10 @@ def main(
 
             record["machine"] = {**record["machine"], **machine_details()}
         payload = [*(json.loads(target.read_text()) if target.exists() else []), record]
+    elif out is None and set(sections) != set(SECTIONS) and target.is_file():
+        # Some sections only: their figures replace theirs in results/<device>.json, and
+        # the other sections' figures stay (the date and machine are this run's).
+        payload = {**json.loads(target.read_text()), **record}
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(payload, indent=2) + "\n")
     console.print(f"written {target}")

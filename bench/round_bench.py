@@ -24,7 +24,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from client.commands.join import FLOWER_POLL_SECONDS
+from server.app_bundle import app_bundle_hash
 from server.commands.demo import ensure_synthcxr, wait_for_sites
 from server.coordinator import (
     TASK_POLL_INTERVAL,
@@ -37,7 +40,7 @@ from server.coordinator import (
 )
 from server.processes import ProcessGroup, ProcessStartError
 
-__all__ = ["federate", "run", "slowest"]
+__all__ = ["approve_app", "federate", "run", "slowest"]
 
 SITES = ("site_a", "site_b", "site_c")
 ROUNDS = 3
@@ -65,6 +68,7 @@ def federate(
     """
     coordinator = Coordinator(workdir)
     task_poll = TASK_POLL_INTERVAL if tuned else None
+    approve_app(data, app_bundle_hash(workdir / "staging"))
     with ProcessGroup() as group:
         address, _ = start_superlink(
             group, coordinator, port=free_port(8000), task_poll_interval=task_poll
@@ -105,6 +109,15 @@ def federate(
     if outcome.status != "completed":
         raise ProcessStartError(f"benchmark run {run_id} ended {outcome.status}; see {workdir}")
     return outcome.rounds
+
+
+def approve_app(data: Path, app_hash: str) -> None:
+    """Let every site in ``data`` run exactly the app bundle ``app_hash`` (and no other)."""
+    for name in SITES:
+        site_yaml = data / name / "site.yaml"
+        config = yaml.safe_load(site_yaml.read_text())
+        config["federation"] = {"approved_apps": [app_hash]}
+        site_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def slowest(entry: dict, phase: str, key: str) -> float:
