@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from bench.cli_bench import run as run_cli
 from bench.dp_bench import run as run_dp
 from bench.explain_bench import explanations_per_s
 from bench.training_bench import run as run_training
@@ -51,3 +52,9 @@ def test_one_site_message_is_timed_step_by_step(tmp_path) -> None:
     for work in ("train_s", "support_s", "evaluate_s", "audit_s"):
         assert figures[work] > 0
     assert (site.parent / "state" / "reports" / "round_002" / "report.json").is_file()
+
+
+def test_cli_bench_times_both_helps(tmp_path) -> None:
+    figures = run_cli(tmp_path, repeats=1)
+    assert figures.keys() == {"server_help_s", "client_help_s"}
+    assert all(math.isfinite(value) and value > 0 for value in figures.values())

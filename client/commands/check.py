@@ -41,6 +41,7 @@ def check(
     """
     from client.commands.common import load_config_or_exit
     from client.data import load_site_data, read_quarantine_report
+    from client.data.readiness import missing_data_sources
     from client.device import describe_device, site_device
     from sic_core.errors import ConfigError, DataError
 
@@ -53,6 +54,12 @@ def check(
         raise typer.Exit(2) from None
     console.print(f"Site [bold]{config.name}[/bold]: {config.data.format} data, config valid")
     console.print(f"Compute device: {describe_device(device)}")
+    # As `join` does: a wrong path is named as such, not as files that could not be read.
+    missing = missing_data_sources(config)
+    for problem in missing:
+        console.print(f"[red]cannot train:[/red] {site}: {problem}", soft_wrap=True)
+    if missing:
+        raise typer.Exit(1)
     try:
         data = load_site_data(config, progress=True, workers=workers)
     except DataError as error:
