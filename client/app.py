@@ -15,6 +15,11 @@ data come from the on-disk cache of :func:`client.data.load_site_data`):
   round report (:mod:`client.round_report`): the full copy stays in the site's state
   folder, the redacted one (or the full one, where sharing is allowed) goes to the server.
 
+Where ``python -m client join`` started a site worker (:mod:`client.site_worker`, on by
+default for a GPU site), each handler forwards its message to it, and the worker does the
+same work with the device initialised and the data decoded once per join; without one
+(tests, simulation, a CPU site by default) the work runs in this process.
+
 Every handler computes on the site's ``compute.device`` (:mod:`client.device`): the model
 is built there, the cached images stay in host memory and move to it batch by batch, and
 everything that goes on the wire is copied back to the CPU first.

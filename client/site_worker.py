@@ -32,12 +32,14 @@ What it changes, and what it does not
 When it is on
 -------------
 ``join --worker/--no-worker``; by default on when the site computes on a GPU and off on a
-CPU. Measured on the 2-core CPU machine (``python -m bench --only site``, BENCHMARKS.md):
-a message forked from the warm launcher spends about a second before its work (mostly the
-project's imports), and a round's overhead is dominated by Flower's polling and transport,
-not by that; the worker would save at most that second per message on a CPU while running
-the site's installed code instead of the bundle's, so the CPU keeps Flower's process per
-message.
+CPU. The CPU default is measured (BENCHMARKS.md, "A site's messages"; 2-core machine under
+heavy load from other jobs): a message forked from the warm launcher spends 2.0 s before
+its work (1.8 s of it the project's imports; config, cache and model 0.16 s), and the
+federation's round overhead with workers (64-65 s, two runs) was within the spread of the
+same federation without them (53-78 s), because Flower's polling, transport and its own
+start of every ClientApp process dominate and remain. On a CPU the worker would thus save
+nothing measurable while running the site's installed code instead of the bundle's; on a
+GPU it saves a CUDA context and the copies to the device per message.
 """
 
 from __future__ import annotations
