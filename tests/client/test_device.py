@@ -306,11 +306,19 @@ def test_a_site_trains_supports_evaluates_and_audits_on_cuda(
     assert label.startswith("cuda:0 ") and SITE_DEVICE_PATTERN.fullmatch(label)
 
 
-@pytest.mark.gpu
-def test_dp_sgd_and_the_private_support_release_run_on_cuda(tmp_path: Path, spy: DeviceSpy) -> None:
-    site = _site(tmp_path, "site_dp", "cuda", privacy={"enabled": True})
+@pytest.mark.parametrize(
+    ("setting", "device"),
+    [
+        ("cpu", torch.device("cpu")),
+        pytest.param("cuda", torch.device("cuda", 0), marks=pytest.mark.gpu),
+    ],
+)
+def test_dp_sgd_and_the_private_support_release_run_on_the_device(
+    tmp_path: Path, spy: DeviceSpy, setting: str, device: torch.device
+) -> None:
+    site = _site(tmp_path, "site_dp", setting, privacy={"enabled": True})
     replies = _run_round(site, spy)
-    _assert_ran_on(spy, replies, torch.device("cuda", 0))
+    _assert_ran_on(spy, replies, device)
     assert replies["train"].content[str(RecordKey.METRICS)]["dp.epsilon"] > 0
 
 
