@@ -36,10 +36,10 @@ CPU. The CPU default is measured (BENCHMARKS.md, "A site's messages"; 2-core mac
 heavy load from other jobs): a message forked from the warm launcher spends 2.0 s before
 its work (1.8 s of it the project's imports; config, cache and model 0.16 s), and the
 federation's round overhead with workers (64-65 s, two runs) was within the spread of the
-same federation without them (53-78 s), because Flower's polling, transport and its own
-start of every ClientApp process dominate and remain. On a CPU the worker would thus save
-nothing measurable while running the site's installed code instead of the bundle's; on a
-GPU it saves a CUDA context and the copies to the device per message.
+same federation without them (48-78 s, three runs), because Flower's polling, transport and
+its own start of every ClientApp process dominate and remain. On a CPU the worker would
+thus save nothing measurable while running the site's installed code instead of the
+bundle's; on a GPU it saves a CUDA context and the copies to the device per message.
 """
 
 from __future__ import annotations
