@@ -168,8 +168,17 @@ def support_from_record(record: ArrayRecord, spec: ModelSpec) -> SupportSet:
     return SupportSet(vectors=vectors, labels=labels, indices=torch.full_like(labels, -1))
 
 
-def build_model(spec: ModelSpec, arrays: ArrayRecord, support: SupportSet | None) -> SICModel:
-    """The global model: architecture from ``spec``, weights from ``arrays``.
+def build_model(
+    spec: ModelSpec,
+    arrays: ArrayRecord,
+    support: SupportSet | None,
+    *,
+    device: torch.device | None = None,
+) -> SICModel:
+    """The global model: architecture from ``spec``, weights from ``arrays``, on ``device``.
+
+    Everything that computes with the model (training, embedding, evaluation, the audit)
+    runs on the device the model is on (default: the CPU) and moves its batches there.
 
     Raises
     ------
@@ -193,6 +202,8 @@ def build_model(spec: ModelSpec, arrays: ArrayRecord, support: SupportSet | None
         model.load_state_dict(state, strict=False)
     except RuntimeError as error:
         raise _invalid(f"weights do not fit the model: {error}") from None
+    if device is not None:
+        model.to(device)
     if support is not None:
         model.set_support(support.vectors, support.labels)
     return model
@@ -494,8 +505,10 @@ class EvalResult:
 
 @torch.no_grad()
 def _logits(model: SICModel, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Logits ``(N, C)`` on the CPU; each chunk of host images runs on the model's device."""
     model.eval()
-    return torch.cat([model(chunk) for chunk in images.split(batch_size)])
+    device = model.support_vectors.device
+    return torch.cat([model(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
 
 
 def evaluate_locally(

@@ -50,7 +50,7 @@ from flwr.serverapp.strategy import (
 )
 
 from server.messaging import wait_for_nodes
-from server.sites import SiteDirectory, site_name_in
+from server.sites import SiteDirectory, site_device_in, site_name_in
 from server.update_bound import UpdateNormBound
 from server.validation import (
     Rejection,
@@ -290,6 +290,9 @@ class SiteOutcome:
     report
         The site's round report (accepted ``evaluate`` replies only; redacted unless the
         site shares example images).
+    device
+        The device the site computed on (``cpu``, ``cuda:0 <GPU model>``; ``ok`` replies
+        of sites that name it only, else empty).
     """
 
     site: str
@@ -297,6 +300,7 @@ class SiteOutcome:
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] | None = None
+    device: str = ""
 
 
 @dataclass(frozen=True)
@@ -527,6 +531,7 @@ class SicStrategy(Strategy):
                     status="ok",
                     metrics={key: float(value) for key, value in metrics.items()},
                     report=report_of(reply.content) if phase == Phase.EVALUATE else None,
+                    device=site_device_in(reply) or "",
                 )
             )
             accepted.append((site, reply))

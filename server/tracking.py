@@ -26,6 +26,7 @@ from server.strategy import PhaseReport
 from sic_core.wire import EvalMetric, SupportMetric, TrainMetric
 
 __all__ = [
+    "DEVICE_TAG",
     "EXPERIMENT_KIND",
     "EXPERIMENT_KIND_TAG",
     "SITE_METRIC_NAMES",
@@ -71,6 +72,11 @@ SITE_METRIC_NAMES: dict[str, dict[str, str]] = {
         EvalMetric.XAI_SECONDS: "time/xai_s",
     },
 }
+
+
+#: Tag of a site's child run: the device it computed on, as the site names it (``cpu``,
+#: ``cuda:0 <GPU model>``); set when first seen and whenever it changes.
+DEVICE_TAG = "sicfed.device"
 
 
 def site_metric_name(phase: str, key: str) -> str | None:
@@ -135,6 +141,7 @@ class MlflowTracker:
         self.experiment_id = ""
         self.parent_run_id = ""
         self.site_run_ids: dict[str, str] = {}
+        self.site_devices: dict[str, str] = {}
 
     def start(self) -> str:
         """Create (or find) the experiment and open the parent run; return its id.
@@ -198,9 +205,20 @@ class MlflowTracker:
         summary: dict[str, float],
         flags: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
-        """Log each site's metrics and outlier flags (``step=server_round``) and the summary."""
+        """Log each site's metrics and outlier flags (``step=server_round``) and the summary.
+
+        A site's device (:data:`DEVICE_TAG`) is tagged on its child run when it first
+        names one and when it changes.
+        """
         stamp = int(time.time() * 1000)
+        reports = tuple(reports)
         per_site: dict[str, list[Metric]] = {}
+        devices = {
+            outcome.site: outcome.device
+            for report in reports
+            for outcome in report.outcomes
+            if outcome.device and self.site_devices.get(outcome.site) != outcome.device
+        }
         for site, site_flags in (flags or {}).items():
             per_site.setdefault(site, []).extend(
                 Metric(key, float(value), stamp, server_round) for key, value in site_flags.items()
@@ -221,6 +239,9 @@ class MlflowTracker:
                     if name is not None and math.isfinite(value):
                         metrics.append(Metric(name, value, stamp, server_round))
         try:
+            for site, device in sorted(devices.items()):
+                self.client.set_tag(self.site_run(site), DEVICE_TAG, device)
+                self.site_devices[site] = device
             for site, metrics in sorted(per_site.items()):
                 self.client.log_batch(self.site_run(site), metrics=metrics)
             self.client.log_batch(

@@ -28,6 +28,7 @@ from enum import StrEnum
 __all__ = [
     "ERROR_REASON_PATTERN",
     "EVAL_METRIC_KEYS",
+    "SITE_DEVICE_PATTERN",
     "SITE_NAME_PATTERN",
     "SUPPORT_BUFFER_KEYS",
     "SUPPORT_METRIC_KEYS",
@@ -128,6 +129,10 @@ class SiteKey(StrEnum):
 
     #: The site's pseudonym from its config (``SiteConfig.name``).
     NAME = "name"
+    #: The device the site computed on: ``cpu``, or ``cuda:N`` and the GPU's model name
+    #: (:data:`SITE_DEVICE_PATTERN`; nothing that identifies the machine). Optional: a site
+    #: of an older version sends none.
+    DEVICE = "device"
 
 
 class TrainMetric(StrEnum):
@@ -259,6 +264,10 @@ ERROR_REASON_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 #: What a site pseudonym looks like (the same rule as ``SiteConfig.name``).
 SITE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+#: What a site's device label looks like (:attr:`SiteKey.DEVICE`): ``cpu`` or ``cuda:N``
+#: followed by the GPU's model name in a fixed alphabet, e.g. ``cuda:0 NVIDIA H100 80GB HBM3``.
+SITE_DEVICE_PATTERN = re.compile(r"cpu|cuda:[0-9]{1,2}( [A-Za-z0-9 ._()-]{1,64})?")
 
 
 def is_error_reason(value: str) -> bool:

@@ -1,7 +1,9 @@
 """Explanation-quality metrics that perturb the image (or the model) and re-run it.
 
 Every perturbation acts on the image ``x`` in ``[0, 1]``; the model re-encodes ``[x, 1 - x]``
-itself. Curves are of the explained logit ``z_c``.
+itself. Curves are of the explained logit ``z_c``. Images may lie on the host while the model
+is on a GPU: perturbations are built where the images are and each forward runs on the
+model's device.
 """
 
 from __future__ import annotations
@@ -69,9 +71,16 @@ def inpaint(x: Tensor, masks: Tensor, *, sigma: float | None = None) -> Tensor:
     return (x * keep + filled.clamp(0, 1) * masks).clamp(0, 1)
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def _target_logits(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    return model(x).gather(1, target.view(-1, 1)).squeeze(1)
+    """The target logit of each image, computed on the model's device, returned on ``x``'s."""
+    device = _model_device(model)
+    logits = model(x.to(device)).gather(1, target.to(device).view(-1, 1)).squeeze(1)
+    return logits.to(x.device)
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,7 @@ def deletion_insertion(
         reference = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
     else:
         raise ValueError(f"baseline: expected 'blur' or 'mean', got {baseline!r}")
-    order = maps.flatten(1).argsort(dim=1, descending=True)
+    order = maps.flatten(1).to(x.device).argsort(dim=1, descending=True)
     generator = torch.Generator().manual_seed(seed)
     random_order = torch.stack(
         [torch.randperm(order.shape[1], generator=generator) for _ in range(order.shape[0])]
@@ -168,10 +177,11 @@ def _sic_target_maps(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _predicted(model: nn.Module, x: Tensor) -> Tensor:
+    """Predicted classes ``(B,)`` on the CPU, computed on the model's device."""
     was_training = model.training
     model.eval()
     try:
-        return model(x).argmax(dim=1)
+        return model(x.to(_model_device(model))).argmax(dim=1).cpu()
     finally:
         model.train(was_training)
 
@@ -203,7 +213,7 @@ def max_sensitivity(
         perturbed = explainer(model, perturbed_x, predicted).cpu()
         change = (perturbed - base_maps).flatten(1).norm(dim=1)
         ratio = change / base_maps.flatten(1).norm(dim=1).clamp_min(1e-12)
-        same = (_predicted(model, perturbed_x) == predicted).cpu()
+        same = _predicted(model, perturbed_x) == predicted
         worst = torch.where(same, torch.maximum(worst, ratio), worst)
     return float(worst.mean())
 
@@ -276,8 +286,9 @@ def marker_counterfactual_shift(
         masks = marker_masks[source].to(clean.dtype)
         with_marker.append(clean * (1 - masks) + marked[source] * masks)
         without_marker.append(clean)
-    present = model(torch.cat(with_marker))
-    absent = model(torch.cat(without_marker))
+    device = _model_device(model)
+    present = model(torch.cat(with_marker).to(device)).cpu()
+    absent = model(torch.cat(without_marker).to(device)).cpu()
     if present.shape[0] == 0:
         return CounterfactualShift(shift=math.nan, flip_share=math.nan, pairs=0)
     shift = torch.sigmoid(present[:, positive_class]) - torch.sigmoid(absent[:, positive_class])
