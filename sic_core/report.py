@@ -101,6 +101,13 @@ def _number(value: object, digits: int = 4) -> str:
     return _escape(value)
 
 
+def _interval_cell(ci: object) -> str:
+    """A "95% CI" cell: ``[low, high]`` from a pair, a note (``"n<10"``) as it is, else "-"."""
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(_is_number(v) for v in ci):
+        return f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+    return ci if isinstance(ci, str) else "-"
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     head = "".join(f"<th>{_escape(h)}</th>" for h in header)
     body = "".join(
@@ -261,6 +268,21 @@ def _reliability_diagram(bins: Sequence[Mapping[str, float]], *, size: int = 180
     return "".join(parts)
 
 
+def _reliability_section(performance: Mapping[str, Any]) -> str:
+    """The reliability diagram; before and after calibration side by side when both exist."""
+    calibrated = _reliability_diagram(performance.get("reliability", []))
+    if "reliability_raw" not in performance:
+        return "<p>Reliability diagram (accuracy per confidence bin):</p>" + calibrated
+    raw = _reliability_diagram(performance.get("reliability_raw", []))
+    return (
+        "<p>Reliability diagrams (accuracy per confidence bin), before and after the "
+        "federated calibration of the probabilities:</p>"
+        f'<div class="thumbs"><figure>{raw}<figcaption>raw (sigmoids normalised over '
+        f"classes)</figcaption></figure><figure>{calibrated}<figcaption>calibrated"
+        "</figcaption></figure></div>"
+    )
+
+
 def _image(data_uri: str | None, alt: str) -> str:
     if not data_uri or not data_uri.startswith("data:image/png;base64,"):
         return ""
@@ -370,12 +392,11 @@ def render_report_html(report: Mapping[str, Any]) -> str:
         "performance": _table(
             ["metric", "this round", "95% CI", "last round"],
             [
-                (m["key"], m.get("value"), m.get("ci", "-"), m.get("previous"))
+                (m["key"], m.get("value"), _interval_cell(m.get("ci")), m.get("previous"))
                 for m in performance.get("metrics", [])
             ],
         )
-        + "<p>Reliability diagram (accuracy per confidence bin):</p>"
-        + _reliability_diagram(performance.get("reliability", [])),
+        + _reliability_section(performance),
         "explanation-quality": _dashboard(report.get("xai", [])),
         "how-to-read": how_to_read,
         "case-gallery": pixel_note if redacted else _gallery(report.get("gallery", [])),

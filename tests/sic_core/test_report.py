@@ -93,3 +93,21 @@ def test_reliability_diagram_has_ticked_axes() -> None:
     (texts,) = _svg_texts(render_report_html(report), "reliability diagram")
     assert texts[:6] == ["0", "0", "0.5", "0.5", "1", "1"]
     assert "confidence (predicted class)" in texts and "accuracy" in texts
+
+
+def test_confidence_intervals_and_both_reliability_diagrams_are_shown() -> None:
+    report = _report()
+    bins = [{"lower": 0.9, "upper": 1.0, "confidence": 0.95, "accuracy": 1.0, "share": 1.0}]
+    report["performance"] = {
+        "metrics": [
+            {"key": "perf/auroc", "value": 0.93, "ci": [0.901, 0.962]},
+            {"key": "perf/ece", "value": 0.04, "ci": "n<10"},
+            {"key": "perf/balanced_accuracy", "value": 0.9},
+        ],
+        "reliability": bins,
+        "reliability_raw": [{**bins[0], "lower": 0.6, "upper": 0.6667, "confidence": 0.63}],
+    }
+    page = render_report_html(report)
+    assert "[0.901, 0.962]" in page and "n&lt;10" in page
+    assert page.count('aria-label="reliability diagram"') == 2
+    assert "before and after" in page
