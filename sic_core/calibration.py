@@ -10,6 +10,15 @@ confidence. The calibrated probabilities are, per class ``c``::
     q_c = sigmoid(a_c * m_c + beta_c),  a_c > 0      (Platt scaling of the margin)
     p_c = q_c / sum_c' q_c'
 
+The default fit is the slope alone (``beta_c = 0``: a per-class temperature ``1 / a_c`` of the
+margin), so the most probable class is always the predicted one (``argmax z``). Measured on
+SynthCXR easy at 64 px (small B-cos encoder trained 10 epochs on the pooled training splits of
+sites A-C, site-local supports, fitted on the pooled validation splits, 210 cases): ECE
+0.295 raw, 0.032 with Platt's intercept, 0.037 slope alone; on the test splits of sites A, C
+and the held-out D (194 cases, not seen by the fit) 0.298 raw, 0.033 Platt, 0.031 slope
+alone. The intercept buys nothing measurable and would let a case predicted "normal" be shown
+as more likely "nodule" than not.
+
 For two classes ``m_1 = z_1 - z_0 = -m_0`` and the fit is symmetric, so ``p_1`` is exactly
 ``sigmoid(a * (z_1 - z_0) + beta)``: a strictly increasing function of the margin that the
 AUROC is computed from, which is therefore unchanged. Explanations are untouched: maps
@@ -264,7 +273,7 @@ def _fit_platt(
     return slope, offset
 
 
-def fit_calibration(histogram: MarginHistogram, *, intercept: bool = True) -> Calibration:
+def fit_calibration(histogram: MarginHistogram, *, intercept: bool = False) -> Calibration:
     """Fit every class's Platt parameters on a (merged) margin histogram.
 
     Deterministic: the same counts give the same parameters, whatever the order the sites'
@@ -275,8 +284,8 @@ def fit_calibration(histogram: MarginHistogram, *, intercept: bool = True) -> Ca
     histogram
         Sum of the sites' :func:`margin_histogram`.
     intercept
-        Fit ``beta_c`` too (Platt scaling); ``False`` fits the slope alone (a per-class
-        temperature ``1 / a_c`` of the margin).
+        Fit ``beta_c`` too (full Platt scaling); by default the slope alone (a per-class
+        temperature ``1 / a_c`` of the margin, see the module docstring).
     """
     centres = (MARGIN_EDGES[:-1] + MARGIN_EDGES[1:]) / 2
     slopes, offsets = [], []

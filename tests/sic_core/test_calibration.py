@@ -42,7 +42,7 @@ def test_margins_are_one_vs_rest() -> None:
 
 def test_fit_recovers_the_true_platt_parameters_and_lowers_ece() -> None:
     logits, labels = _miscalibrated(4000, slope=3.0, offset=-0.5, seed=0)
-    calibration = fit_calibration(margin_histogram(logits, labels))
+    calibration = fit_calibration(margin_histogram(logits, labels), intercept=True)
     assert calibration.slopes[1] == pytest.approx(3.0, rel=0.15)
     assert calibration.intercepts[1] == pytest.approx(-0.5, abs=0.15)
     raw = expected_calibration_error(raw_probabilities(logits), labels)
@@ -53,7 +53,7 @@ def test_fit_recovers_the_true_platt_parameters_and_lowers_ece() -> None:
 
 def test_binary_probability_is_platt_of_the_margin_and_sums_to_one() -> None:
     logits, labels = _miscalibrated(500, slope=2.0, offset=0.3, seed=1)
-    calibration = fit_calibration(margin_histogram(logits, labels))
+    calibration = fit_calibration(margin_histogram(logits, labels), intercept=True)
     probabilities = calibrated_probabilities(logits, calibration)
     margin = (logits[:, 1] - logits[:, 0]).double()
     expected = torch.sigmoid(calibration.slopes[1] * margin + calibration.intercepts[1])
@@ -63,7 +63,7 @@ def test_binary_probability_is_platt_of_the_margin_and_sums_to_one() -> None:
 
 def test_calibration_is_monotone_so_auroc_is_unchanged() -> None:
     logits, labels = _miscalibrated(600, slope=0.7, offset=1.0, seed=2)
-    calibration = fit_calibration(margin_histogram(logits, labels))
+    calibration = fit_calibration(margin_histogram(logits, labels), intercept=True)
     probabilities = calibrated_probabilities(logits, calibration)
     assert auroc(probabilities, labels) == auroc(logits, labels)
     order_raw = (logits[:, 1] - logits[:, 0]).argsort()
@@ -72,13 +72,15 @@ def test_calibration_is_monotone_so_auroc_is_unchanged() -> None:
 
 def test_fit_does_not_depend_on_the_order_of_sites_or_cases() -> None:
     sites = [_miscalibrated(n, slope=2.0, offset=-0.2, seed=s) for s, n in enumerate((90, 40, 150))]
-    forward = fit_calibration(merge_histograms(margin_histogram(z, y) for z, y in sites))
+    merged = merge_histograms(margin_histogram(z, y) for z, y in sites)
+    forward = fit_calibration(merged, intercept=True)
     shuffled = []
     for i, (z, y) in enumerate(reversed(sites)):
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(i))
         shuffled.append(margin_histogram(z[order], y[order]))
-    backward = fit_calibration(merge_histograms(shuffled))
+    backward = fit_calibration(merge_histograms(shuffled), intercept=True)
     assert backward == forward
+    assert fit_calibration(merge_histograms(shuffled)) == fit_calibration(merged)
 
 
 def test_a_site_sends_binned_counts_only() -> None:
@@ -107,9 +109,9 @@ def test_separated_cases_give_a_finite_increasing_calibration() -> None:
     assert 0.5 < float(top) < 1.0
 
 
-def test_slope_only_fit_has_no_intercept() -> None:
+def test_default_fit_is_a_slope_without_intercept() -> None:
     logits, labels = _miscalibrated(800, slope=2.5, offset=0.0, seed=4)
-    calibration = fit_calibration(margin_histogram(logits, labels), intercept=False)
+    calibration = fit_calibration(margin_histogram(logits, labels))
     assert calibration.intercepts == (0.0, 0.0)
     assert calibration.slopes[1] == pytest.approx(2.5, rel=0.2)
 
