@@ -42,6 +42,7 @@ __all__ = [
     "SiteKey",
     "SupportMetric",
     "TrainMetric",
+    "WhyMetric",
     "XaiMetric",
     "eval_metric_keys",
     "format_error",
@@ -212,6 +213,17 @@ class XaiMetric(StrEnum):
     MAX_SENSITIVITY = "xai/max_sensitivity"
     DP_NOISE_RANK_CORR = "xai/dp_noise_rank_corr"
     DRIFT_TO_GLOBAL = "xai/drift_to_global"
+
+
+class WhyMetric(StrEnum):
+    """Mean "why similar" influence per property over a site's gallery supports (the MLflow
+    keys; :mod:`sic_core.why_similar`): signed, normalised so the five magnitudes sum to 1."""
+
+    INTENSITY = "why/intensity"
+    CONTRAST = "why/contrast"
+    TEXTURE = "why/texture"
+    SHAPE = "why/shape"
+    POSITION = "why/position"
 
 
 def support_jaccard_key(class_index: int) -> str:
