@@ -41,11 +41,21 @@ from sic_core.metrics import (
     support_jaccard,
     top_support_agreement,
 )
-from sic_core.wire import XaiMetric, support_jaccard_key
+from sic_core.why_similar import PROPERTIES, support_profiles, why_similar
+from sic_core.wire import WhyMetric, XaiMetric, support_jaccard_key
 
-__all__ = ["AuditSet", "ExplanationState", "audit_metrics", "select_audit_set"]
+__all__ = [
+    "AuditSet",
+    "AuditWhy",
+    "ExplanationState",
+    "audit_metrics",
+    "audit_why_similar",
+    "select_audit_set",
+]
 
 POSITIVE_CLASS = 1
+#: Supports per case whose "why similar" enters ``why/*`` (the gallery shows as many).
+TOP_SUPPORTS = 3
 
 
 @dataclass(frozen=True)
@@ -264,3 +274,84 @@ def audit_metrics(
         metrics[XaiMetric.DRIFT_TO_GLOBAL] = math.nan
     state = ExplanationState(support_ids=support_ids.tolist(), top_support_ids=top_ids)
     return {str(key): float(value) for key, value in metrics.items()}, state
+
+
+@dataclass(frozen=True)
+class AuditWhy:
+    """ "Why similar" of every audit case against every site-local support.
+
+    Attributes
+    ----------
+    pairs
+        ``(P, 2)`` (audit case, support index) of each pair.
+    influence
+        ``(P, 5)`` signed, normalised influence per property (:data:`PROPERTIES` order).
+    profiles
+        ``(K, 5)`` each support's mean influence over the audit cases (its global version;
+        ``nan`` for a support without a local image).
+    top
+        ``(P,)`` bool: the support is one of the case's :data:`TOP_SUPPORTS` strongest of its
+        predicted class.
+    """
+
+    pairs: Tensor
+    influence: Tensor
+    profiles: Tensor
+    top: Tensor
+
+    def of(self, case: int, support: int) -> dict[str, float] | None:
+        """``{property: influence}`` of one pair (``None`` if it was not measured)."""
+        match = (self.pairs[:, 0] == case) & (self.pairs[:, 1] == support)
+        if not match.any():
+            return None
+        row = self.influence[torch.nonzero(match).flatten()[0]]
+        return {p: float(v) for p, v in zip(PROPERTIES, row, strict=True)}
+
+    def metrics(self) -> dict[str, float]:
+        """``why/<property>``: mean influence over the top pairs (``nan`` if there are none)."""
+        chosen = self.influence[self.top]
+        return {
+            str(key): float(chosen[:, i].mean()) if chosen.shape[0] else math.nan
+            for i, key in enumerate(WhyMetric)
+        }
+
+
+def audit_why_similar(
+    model: SICModel,
+    audit: AuditSet,
+    explanation: Explanation,
+    support_images: Tensor,
+    present: Tensor,
+) -> AuditWhy:
+    """Property influences (:func:`sic_core.why_similar.why_similar`) on the audit set.
+
+    Parameters
+    ----------
+    model
+        The evaluated model with the site-local supports.
+    audit, explanation
+        The audit set and ``explain(model, audit.images)`` (for each case's top supports).
+    support_images
+        ``(K, C, S, S)`` the training image behind each support.
+    present
+        ``(K,)`` bool: the support has a local image (absent classes keep a global vector).
+    """
+    cases = torch.arange(audit.labels.numel())
+    supports = torch.nonzero(present).flatten()
+    pairs = torch.cartesian_prod(cases, supports) if supports.numel() else torch.zeros(0, 2)
+    pairs = pairs.long().view(-1, 2)
+    labels_k = model.support_labels.cpu()
+    top = torch.zeros(pairs.shape[0], dtype=torch.bool)
+    for i in cases.tolist():
+        predicted = int(explanation.predicted[i])
+        in_class = [k for k in supports.tolist() if int(labels_k[k]) == predicted]
+        strongest = sorted(in_class, key=lambda k: -float(explanation.evidence[i, k]))
+        for k in strongest[:TOP_SUPPORTS]:
+            top |= (pairs[:, 0] == i) & (pairs[:, 1] == k)
+    if pairs.shape[0] == 0:
+        empty = torch.zeros(0, len(PROPERTIES))
+        profiles = torch.full((labels_k.numel(), len(PROPERTIES)), math.nan)
+        return AuditWhy(pairs=pairs, influence=empty, profiles=profiles, top=top)
+    result = why_similar(model, audit.images, support_images, pairs)
+    profiles = support_profiles(result, pairs[:, 1], labels_k.numel())
+    return AuditWhy(pairs=pairs, influence=result.influence, profiles=profiles, top=top)

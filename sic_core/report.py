@@ -77,7 +77,8 @@ padding:.25em .6em;text-align:left;font-variant-numeric:tabular-nums}th{backgrou
 align-items:start;border:1px solid #dde3ee;padding:.6em;margin:.6em 0}
 .case img{width:160px;height:160px;image-rendering:pixelated;border:1px solid #ccd}
 .case svg{max-width:100%;height:auto}.supports{display:flex;flex-direction:column;gap:.4em}
-.supports img{width:72px;height:72px}.thumbs{display:flex;flex-wrap:wrap;gap:1em}
+.supports img{width:72px;height:72px}.why{font-size:.8em;color:#33405a;max-width:220px;
+text-align:left}.thumbs{display:flex;flex-wrap:wrap;gap:1em}
 .thumbs img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #ccd}
 figure{margin:0;text-align:center;font-size:.85em}
 .note{background:#f7f9fc;border-left:4px solid #6b8cce;padding:.5em 1em}
@@ -320,7 +321,7 @@ def _gallery(cases: Sequence[Mapping[str, Any]]) -> str:
             f"<figure>{_image(s.get('png'), 'support sample')}"
             f"{_image(s.get('map_png'), 'support map')}"
             f"<figcaption>{_escape(s.get('label', ''))}: e={_number(s.get('evidence'))}"
-            "</figcaption></figure>"
+            f"{_why(s.get('why'))}</figcaption></figure>"
             for s in case.get("supports", [])
         )
         blocks.append(
@@ -335,10 +336,41 @@ def _gallery(cases: Sequence[Mapping[str, Any]]) -> str:
     return "".join(blocks) or '<p class="muted">no cases</p>'
 
 
+def _why(why: object, *, prefix: str = "") -> str:
+    """A support's "why similar" line and a small signed bar per property."""
+    if not isinstance(why, Mapping):
+        return ""
+    influence = why.get("influence", {})
+    bars = [(str(p), float(v)) for p, v in influence.items() if _is_number(v)]
+    width, row, label_w = 150, 11, 58
+    half = (width - label_w) / 2
+    parts = [
+        f'<svg width="{width}" height="{row * len(bars) + 2}" role="img" '
+        f'aria-label="why similar"><line x1="{label_w + half}" y1="0" x2="{label_w + half}" '
+        f'y2="{row * len(bars)}" stroke="#999"/>'
+    ]
+    for i, (label, value) in enumerate(bars):
+        length = min(abs(value), 1.0) * (half - 2)
+        x = label_w + half if value >= 0 else label_w + half - length
+        colour = "#c0392b" if value >= 0 else "#2e6fd8"
+        parts.append(
+            f'<text x="0" y="{i * row + 9}" font-size="9">{_escape(label)}</text>'
+            f'<rect x="{x:.1f}" y="{i * row + 1}" width="{length:.1f}" height="{row - 3}" '
+            f'fill="{colour}"/>'
+        )
+    parts.append("</svg>")
+    return (
+        f'<div class="why">{_escape(prefix)}{_escape(why.get("line", ""))}</div>' + "".join(parts)
+        if bars
+        else ""
+    )
+
+
 def _support_gallery(supports: Sequence[Mapping[str, Any]]) -> str:
     figures = "".join(
         f"<figure>{_image(s.get('png'), 'support')}{_image(s.get('map_png'), 'support map')}"
-        f"<figcaption>{_escape(s.get('label', ''))}</figcaption></figure>"
+        f"<figcaption>{_escape(s.get('label', ''))}"
+        f"{_why(s.get('why'), prefix='over the audit set: ')}</figcaption></figure>"
         for s in supports
     )
     return f'<div class="thumbs">{figures}</div>' if figures else ""
@@ -431,6 +463,19 @@ def _summary_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     )
 
 
+_INTERVAL_COLUMNS = {"perf/auroc_ci_low": "perf/auroc", "perf/auroc_ci_high": "perf/auroc"}
+
+
+def _summary_cell(row: Mapping[str, Any], column: str) -> str:
+    """A summary value; the AUROC with its 95 % interval ("no CI" where it was withheld)."""
+    cell = _number(row.get(column))
+    if column != "perf/auroc" or not _is_number(row.get(column)):
+        return cell
+    low, high = row.get("perf/auroc_ci_low"), row.get("perf/auroc_ci_high")
+    interval = _interval_cell([low, high]) if _is_number(low) and _is_number(high) else "no CI"
+    return f'{cell} <span class="muted">{_escape(interval)}</span>'
+
+
 def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
     """The federation summary (``server.reports.federation_summary``) as one HTML page.
 
@@ -439,7 +484,8 @@ def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
     uses the window's full width; a table wider still scrolls inside it, so no column is cut
     off.
     """
-    columns = list(summary.get("columns", []))
+    # An AUROC's interval is shown in the AUROC's own cell, not as columns of its own.
+    columns = [c for c in summary.get("columns", []) if c not in _INTERVAL_COLUMNS]
     rows = list(summary.get("rows", []))
     title = f"SIC federation summary: {summary.get('run', '')}"
     flagged = summary.get("flagged_sites_last_round", [])
@@ -463,7 +509,7 @@ def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
                         f'<span class="flag">{_escape(", ".join(row.get("flags", [])))}</span>'
                         if row.get("flags")
                         else '<span class="muted">none</span>',
-                        *(_number(row.get(c)) for c in columns),
+                        *(_summary_cell(row, c) for c in columns),
                     ]
                     for row in in_round
                 ],

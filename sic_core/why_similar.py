@@ -163,24 +163,29 @@ def _embed(model: SICModel, images: Tensor, batch_size: int = 128) -> Tensor:
     return torch.cat([model.embed(chunk) for chunk in images.split(batch_size)])
 
 
-def _strongest_pixels(model: SICModel, images: Tensor, partners: Tensor) -> Tensor:
+def _strongest_pixels(
+    model: SICModel, images: Tensor, partners: Tensor, batch_size: int = 64
+) -> Tensor:
     """``(B, 2)`` (row, col) of the largest contribution to ``sim(f(images_i), partners_i)``."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    index = []
     try:
         for parameter, _ in flags:
             parameter.requires_grad_(False)
         with explanation_mode(model), torch.enable_grad():
-            encoded = model.encode(images).detach().requires_grad_(True)
-            queries = model.embedder(encoded)
-            similarity = _paired_similarity(queries, partners, detach_scale=True)
-            (gradient,) = torch.autograd.grad(similarity.sum(), encoded)
+            for chunk, partner in zip(
+                images.split(batch_size), partners.split(batch_size), strict=True
+            ):
+                encoded = model.encode(chunk).detach().requires_grad_(True)
+                similarity = _paired_similarity(model.embedder(encoded), partner, detach_scale=True)
+                (gradient,) = torch.autograd.grad(similarity.sum(), encoded)
+                index.append((gradient * encoded).sum(dim=1).flatten(1).argmax(dim=1))
     finally:
         for parameter, requires_grad in flags:
             parameter.requires_grad_(requires_grad)
-    contribution = (gradient * encoded).sum(dim=1).flatten(1)
-    index = contribution.argmax(dim=1)
+    flat = torch.cat(index)
     size = images.shape[-1]
-    return torch.stack([index // size, index % size], dim=1)
+    return torch.stack([flat // size, flat % size], dim=1)
 
 
 def _paired_similarity(queries: Tensor, partners: Tensor, *, detach_scale: bool = False) -> Tensor:
