@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,8 @@ from torch import Tensor
 from client.synth.render import public_marker_mask
 from sic_core import Explanation, SICModel, explain
 from sic_core.metrics import (
+    Interval,
+    bootstrap_interval,
     completeness_max_rel_err,
     deletion_insertion,
     evidence_concentration,
@@ -48,6 +51,7 @@ __all__ = [
     "AuditSet",
     "AuditWhy",
     "ExplanationState",
+    "audit_intervals",
     "audit_metrics",
     "audit_why_similar",
     "select_audit_set",
@@ -355,3 +359,54 @@ def audit_why_similar(
     result = why_similar(model, audit.images, support_images, pairs)
     profiles = support_profiles(result, pairs[:, 1], labels_k.numel())
     return AuditWhy(pairs=pairs, influence=result.influence, profiles=profiles, top=top)
+
+
+def _median_of(values: Tensor) -> Callable[[Tensor], float]:
+    return lambda index: _nanmedian(values[index])
+
+
+def _mean_of(values: Tensor) -> Callable[[Tensor], float]:
+    return lambda index: float(values[index].double().mean())
+
+
+def audit_intervals(
+    model: SICModel, audit: AuditSet, explanation: Explanation
+) -> dict[str, Interval | None]:
+    """95 % bootstrap intervals of the explanation metrics that aggregate per-case values.
+
+    Each is the stratified bootstrap (:func:`sic_core.metrics.bootstrap_interval`) of the
+    same aggregate :func:`audit_metrics` reports (a mean or a median) over the cases it
+    uses, withheld under the small-cell rule: ``xai/gini`` and
+    ``xai/evidence_concentration`` over every audit case, ``xai/rma_lift`` and
+    ``xai/pointing_game`` over the true positives with a lesion mask,
+    ``xai/artifact_mass_lift`` over the cases with a marker mask (where there are any).
+    The other metrics are not means over the audit cases and get no interval.
+    """
+    labels = audit.labels
+    maps = explanation.target_maps()
+    magnitude = explanation.evidence.abs()
+    concentration = magnitude.max(dim=1).values / magnitude.sum(dim=1).clamp_min(1e-12)
+    intervals: dict[str, Interval | None] = {
+        str(XaiMetric.GINI): bootstrap_interval(_mean_of(gini(maps)), labels),
+        str(XaiMetric.EVIDENCE_CONCENTRATION): bootstrap_interval(_mean_of(concentration), labels),
+    }
+    true_positive = (
+        (labels > 0) & (explanation.predicted == labels) & audit.lesion.flatten(1).any(1)
+    )
+    truth_maps = explanation.class_maps[torch.arange(labels.numel()), labels][true_positive]
+    lesions = audit.lesion[true_positive]
+    strata = labels[true_positive]
+    intervals[str(XaiMetric.RMA_LIFT)] = bootstrap_interval(
+        _median_of(mass_lift(truth_maps, lesions)), strata
+    )
+    hits = torch.tensor(
+        [pointing_game(truth_maps[i : i + 1], lesions[i : i + 1])[0] for i in range(len(strata))]
+    )
+    intervals[str(XaiMetric.POINTING_GAME)] = bootstrap_interval(_mean_of(hits), strata)
+    marked = audit.marker.flatten(1).any(1)
+    if marked.any():
+        lifts = mass_lift(explanation.class_maps[marked, POSITIVE_CLASS], audit.marker[marked])
+        intervals[str(XaiMetric.ARTIFACT_MASS_LIFT)] = bootstrap_interval(
+            _median_of(lifts), labels[marked]
+        )
+    return intervals

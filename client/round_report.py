@@ -38,7 +38,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from client.audit import ExplanationState, audit_metrics, audit_why_similar, select_audit_set
+from client.audit import (
+    ExplanationState,
+    audit_intervals,
+    audit_metrics,
+    audit_why_similar,
+    select_audit_set,
+)
 from client.config import SiteConfig
 from client.data import SiteData
 from client.site_report import ReportInputs, build_site_report, write_site_report
@@ -319,7 +325,7 @@ def audit_and_report(
         released=facts.released,
         reliability=facts.reliability,
         sanity=_read_json(sanity_path(config)),
-        intervals=facts.intervals,
+        intervals={**facts.intervals, **audit_intervals(model, audit, explanation)},
         reliability_raw=facts.reliability_raw,
         calibration=facts.calibration.to_dict() if facts.calibration is not None else None,
         why=why,

@@ -305,12 +305,14 @@ def build_site_report(
         result, model, audit, support_images, inputs.class_names, inputs.why
     )
     history = list(inputs.history)
+    intervals = inputs.intervals or {}
     xai_rows = []
     for key, value in inputs.metrics.items():
         xai_rows.append(
             {
                 "key": key,
                 "value": value,
+                **(_interval_entry(intervals[key]) if key in intervals else {}),
                 "threshold": XAI_THRESHOLDS.get(key),
                 "change": _change(value, _previous(history, key)),
                 "trend": [h.get(key) for h in history] + [value],
@@ -318,7 +320,6 @@ def build_site_report(
                 "flagged": crosses_threshold(key, value),
             }
         )
-    intervals = inputs.intervals or {}
     metrics = [
         {
             "key": key,

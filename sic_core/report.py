@@ -295,7 +295,15 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 
 def _dashboard(rows: Sequence[Mapping[str, Any]]) -> str:
-    header = ["metric", "value", "threshold", "change", "rank among sites", "trend vs sites' band"]
+    header = [
+        "metric",
+        "value",
+        "95% CI",
+        "threshold",
+        "change",
+        "rank among sites",
+        "trend vs sites' band",
+    ]
     cells = []
     for row in rows:
         flagged = bool(row.get("flagged"))
@@ -303,6 +311,7 @@ def _dashboard(rows: Sequence[Mapping[str, Any]]) -> str:
         cells.append(
             "<tr>"
             f"<td>{_escape(row.get('key', ''))}</td><td>{value}</td>"
+            f"<td>{_escape(_interval_cell(row.get('ci')))}</td>"
             f"<td>{_number(row.get('threshold'))}</td><td>{_number(row.get('change'))}</td>"
             f"<td>{_number(row.get('rank'))}</td>"
             f"<td>{_line_chart(row.get('trend', []), row.get('band'), rounds=row.get('rounds'))}"
