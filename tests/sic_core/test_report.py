@@ -111,3 +111,54 @@ def test_confidence_intervals_and_both_reliability_diagrams_are_shown() -> None:
     assert "[0.901, 0.962]" in page and "n&lt;10" in page
     assert page.count('aria-label="reliability diagram"') == 2
     assert "before and after" in page
+
+
+def test_every_gallery_support_shows_its_why_similar_line() -> None:
+    report = _report()
+    why = {
+        "line": "similar mainly through position (0.41) and intensity (0.15)",
+        "influence": {
+            "intensity": 0.15,
+            "contrast": 0.05,
+            "texture": -0.2,
+            "shape": 0.19,
+            "position": 0.41,
+        },
+    }
+    report["gallery"][0]["supports"][0]["why"] = why
+    report["support_set"][0]["why"] = why
+    page = render_report_html(report)
+    assert page.count("similar mainly through position (0.41)") == 2
+    assert page.count('aria-label="why similar"') == 2
+    assert "over the audit set: similar mainly" in page
+
+
+def test_the_summary_shows_each_auroc_with_its_interval() -> None:
+    from sic_core.report import render_federation_summary_html
+
+    summary = {
+        "run": "fed-1",
+        "rounds": [1],
+        "columns": ["perf/auroc", "perf/auroc_ci_low", "perf/auroc_ci_high", "perf/ece"],
+        "rows": [
+            {
+                "round": 1,
+                "site": "site_a",
+                "perf/auroc": 0.95,
+                "perf/auroc_ci_low": 0.9,
+                "perf/auroc_ci_high": 0.99,
+                "perf/ece": 0.04,
+            },
+            {
+                "round": 1,
+                "site": "site_b",
+                "perf/auroc": 1.0,
+                "perf/auroc_ci_low": None,
+                "perf/auroc_ci_high": None,
+                "perf/ece": 0.03,
+            },
+        ],
+    }
+    page = render_federation_summary_html(summary)
+    assert "0.95 <span" in page and "[0.9, 0.99]" in page and "no CI" in page
+    assert "auroc_<wbr>ci_<wbr>low" not in page
