@@ -493,7 +493,8 @@ class EvalResult:
     ``expected_calibration_error`` and ``reliability`` are of the calibrated probabilities
     (the round's global calibration), the ``_raw`` ones of the sigmoids normalised over
     classes; ``intervals`` holds the 95 % interval of ``perf/auroc``,
-    ``perf/balanced_accuracy`` and ``perf/ece`` (``None``: withheld, small cell).
+    ``perf/auroc_global_support``, ``perf/balanced_accuracy`` and ``perf/ece`` (``None``:
+    withheld, small cell).
     """
 
     num_examples: int
@@ -601,6 +602,7 @@ def evaluate_locally(
     probabilities = raw if calibration is None else calibrated_probabilities(logits, calibration)
     intervals = {
         "perf/auroc": auroc_interval(logits, val_labels),
+        "perf/auroc_global_support": auroc_interval(global_logits, val_labels),
         "perf/balanced_accuracy": bootstrap_interval(
             lambda index: balanced_accuracy(predicted[index], val_labels[index]), val_labels
         ),

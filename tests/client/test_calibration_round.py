@@ -74,7 +74,12 @@ def test_evaluation_reports_calibrated_and_raw_ece_with_auroc_unchanged(model_an
         expected_calibration_error(raw_probabilities(logits), val_labels)
     )
     assert calibrated.reliability_raw == raw.reliability
-    assert set(calibrated.intervals) == {"perf/auroc", "perf/balanced_accuracy", "perf/ece"}
+    assert set(calibrated.intervals) == {
+        "perf/auroc",
+        "perf/auroc_global_support",
+        "perf/balanced_accuracy",
+        "perf/ece",
+    }
     interval = calibrated.intervals["perf/auroc"]
     assert interval is not None and interval.low <= calibrated.auroc <= interval.high
 
