@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +44,7 @@ from sic_core.metrics import (
     support_jaccard,
     top_support_agreement,
 )
-from sic_core.why_similar import PROPERTIES, support_profiles, why_similar
+from sic_core.why_similar import PROPERTIES, WhySimilar, support_profiles, why_similar
 from sic_core.wire import WhyMetric, XaiMetric, support_jaccard_key
 
 __all__ = [
@@ -60,6 +60,10 @@ __all__ = [
 POSITIVE_CLASS = 1
 #: Supports per case whose "why similar" enters ``why/*`` (the gallery shows as many).
 TOP_SUPPORTS = 3
+#: Audit cases (the first ones) measured against every support for "why similar": its
+#: position property costs four forwards and two backwards per pair, so all 64 audit cases
+#: against six supports would take twenty times an explanation of the audit set.
+WHY_PROFILE_CASES = 16
 
 
 @dataclass(frozen=True)
@@ -282,20 +286,22 @@ def audit_metrics(
 
 @dataclass(frozen=True)
 class AuditWhy:
-    """ "Why similar" of every audit case against every site-local support.
+    """'Why similar' of audit cases against the site-local supports.
 
     Attributes
     ----------
     pairs
-        ``(P, 2)`` (audit case, support index) of each pair.
+        ``(P, 2)`` (audit case, support index) of each pair: the first
+        :data:`WHY_PROFILE_CASES` audit cases against every support, plus any further cases
+        asked for against their top supports.
     influence
         ``(P, 5)`` signed, normalised influence per property (:data:`PROPERTIES` order).
     profiles
-        ``(K, 5)`` each support's mean influence over the audit cases (its global version;
+        ``(K, 5)`` each support's mean influence over the profile cases (its global version;
         ``nan`` for a support without a local image).
     top
-        ``(P,)`` bool: the support is one of the case's :data:`TOP_SUPPORTS` strongest of its
-        predicted class.
+        ``(P,)`` bool: a profile case's pair with one of its :data:`TOP_SUPPORTS` strongest
+        supports of its predicted class (the pairs ``why/*`` averages).
     """
 
     pairs: Tensor
@@ -326,6 +332,8 @@ def audit_why_similar(
     explanation: Explanation,
     support_images: Tensor,
     present: Tensor,
+    *,
+    extra_cases: Sequence[int] = (),
 ) -> AuditWhy:
     """Property influences (:func:`sic_core.why_similar.why_similar`) on the audit set.
 
@@ -339,25 +347,37 @@ def audit_why_similar(
         ``(K, C, S, S)`` the training image behind each support.
     present
         ``(K,)`` bool: the support has a local image (absent classes keep a global vector).
+    extra_cases
+        Further audit cases (e.g. the gallery's) to measure against their top supports.
     """
-    cases = torch.arange(audit.labels.numel())
-    supports = torch.nonzero(present).flatten()
-    pairs = torch.cartesian_prod(cases, supports) if supports.numel() else torch.zeros(0, 2)
-    pairs = pairs.long().view(-1, 2)
+    profile_cases = list(range(min(WHY_PROFILE_CASES, audit.labels.numel())))
+    supports = torch.nonzero(present).flatten().tolist()
     labels_k = model.support_labels.cpu()
-    top = torch.zeros(pairs.shape[0], dtype=torch.bool)
-    for i in cases.tolist():
-        predicted = int(explanation.predicted[i])
-        in_class = [k for k in supports.tolist() if int(labels_k[k]) == predicted]
-        strongest = sorted(in_class, key=lambda k: -float(explanation.evidence[i, k]))
-        for k in strongest[:TOP_SUPPORTS]:
-            top |= (pairs[:, 0] == i) & (pairs[:, 1] == k)
+
+    def strongest(case: int) -> list[int]:
+        predicted = int(explanation.predicted[case])
+        in_class = [k for k in supports if int(labels_k[k]) == predicted]
+        return sorted(in_class, key=lambda k: -float(explanation.evidence[case, k]))[:TOP_SUPPORTS]
+
+    rows = [(i, k, k in strongest(i)) for i in profile_cases for k in supports]
+    rows += [(i, k, False) for i in extra_cases if i not in profile_cases for k in strongest(i)]
+    pairs = torch.tensor([(i, k) for i, k, _ in rows], dtype=torch.long).view(-1, 2)
+    top = torch.tensor([is_top for _, _, is_top in rows], dtype=torch.bool)
     if pairs.shape[0] == 0:
         empty = torch.zeros(0, len(PROPERTIES))
         profiles = torch.full((labels_k.numel(), len(PROPERTIES)), math.nan)
         return AuditWhy(pairs=pairs, influence=empty, profiles=profiles, top=top)
     result = why_similar(model, audit.images, support_images, pairs)
-    profiles = support_profiles(result, pairs[:, 1], labels_k.numel())
+    in_profile = pairs[:, 0] < len(profile_cases)
+    profiles = support_profiles(
+        WhySimilar(
+            similarity=result.similarity[in_profile],
+            drop=result.drop[in_profile],
+            influence=result.influence[in_profile],
+        ),
+        pairs[in_profile, 1],
+        labels_k.numel(),
+    )
     return AuditWhy(pairs=pairs, influence=result.influence, profiles=profiles, top=top)
 
 

@@ -47,7 +47,12 @@ from client.audit import (
 )
 from client.config import SiteConfig
 from client.data import SiteData
-from client.site_report import ReportInputs, build_site_report, write_site_report
+from client.site_report import (
+    ReportInputs,
+    build_site_report,
+    gallery_cases,
+    write_site_report,
+)
 from client.synth.params import PRESETS, default_sites
 from client.synth.render import Case, render_case
 from sic_core import SICModel, explain, save_checkpoint
@@ -278,7 +283,14 @@ def audit_and_report(
     present = support_indices >= 0
     support_images = torch.zeros(support_indices.numel(), *train.images.shape[1:])
     support_images[present] = train.images[support_indices[present]]
-    why = audit_why_similar(model, audit, explanation, support_images, present)
+    why = audit_why_similar(
+        model,
+        audit,
+        explanation,
+        support_images,
+        present,
+        extra_cases=gallery_cases(explanation, audit.labels),
+    )
     metrics.update(why.metrics())
 
     history_path = reports / "history.json"

@@ -37,6 +37,7 @@ __all__ = [
     "SMALL_CELL",
     "ReportInputs",
     "build_site_report",
+    "gallery_cases",
     "overlay_png",
     "png_data_uri",
     "small_cell",
@@ -181,6 +182,17 @@ def _change(value: float, previous: float | None) -> float | None:
     return value - previous
 
 
+def gallery_cases(result: Explanation, labels: Tensor) -> list[int]:
+    """The audit cases the gallery shows: the first ones, then the most confident errors."""
+    wrong = result.predicted != labels
+    confidence = result.logits.max(dim=1).values
+    fixed = list(range(min(GALLERY_CASES, labels.numel())))
+    # The most confident errors among the cases not already shown: each case appears once.
+    others = torch.nonzero(wrong).flatten()
+    others = others[~torch.isin(others, torch.tensor(fixed, dtype=torch.long))]
+    return fixed + others[confidence[others].argsort(descending=True)][:GALLERY_ERRORS].tolist()
+
+
 def _gallery(
     result: Explanation,
     model: SICModel,
@@ -190,13 +202,7 @@ def _gallery(
     why: AuditWhy | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     wrong = result.predicted != audit.labels
-    confidence = result.logits.max(dim=1).values
-    fixed = list(range(min(GALLERY_CASES, audit.labels.numel())))
-    # The most confident errors among the cases not already shown: each case appears once.
-    others = torch.nonzero(wrong).flatten()
-    others = others[~torch.isin(others, torch.tensor(fixed, dtype=torch.long))]
-    worst = others[confidence[others].argsort(descending=True)][:GALLERY_ERRORS].tolist()
-    cases = fixed + worst
+    cases = gallery_cases(result, audit.labels)
     scale = float(result.target_maps().abs().flatten().quantile(0.995)) or 1.0
     support_explanation = explain_support(model, support_images)
     support_scale = float(support_explanation.maps.abs().flatten().quantile(0.995)) or 1.0
