@@ -28,6 +28,7 @@ from torch import Tensor
 
 from client.synth.render import public_marker_mask
 from sic_core import Explanation, SICModel, explain
+from sic_core.calibration import Calibration, calibrated_probabilities
 from sic_core.metrics import (
     Interval,
     bootstrap_interval,
@@ -168,6 +169,7 @@ def audit_metrics(
     pasted_images: int = 8,
     explanation: Explanation | None = None,
     seed: int = 0,
+    calibration: Calibration | None = None,
 ) -> tuple[dict[str, float], ExplanationState]:
     """Every per-round explanation-quality metric of METRICS.md on the audit set.
 
@@ -199,6 +201,9 @@ def audit_metrics(
         and the shortcut site stands out by its model, not by its data alone.
     explanation
         ``explain(model, audit.images)`` if the caller has it already (the report reuses it).
+    calibration
+        The round's calibration: the counterfactual shift is a change of the calibrated
+        probability (of the sigmoid of the logit without one).
     """
     result = (
         explanation if explanation is not None else explain(model, audit.images, per_support=False)
@@ -253,6 +258,11 @@ def audit_metrics(
         marker_masks.unsqueeze(1),
         clean_images,
         positive_class=POSITIVE_CLASS,
+        probabilities=(
+            None
+            if calibration is None
+            else lambda logits: calibrated_probabilities(logits, calibration)
+        ),
     )
     metrics[XaiMetric.MARKER_COUNTERFACTUAL_SHIFT] = shift.shift
     metrics[XaiMetric.MARKER_COUNTERFACTUAL_FLIPS] = shift.flip_share

@@ -278,6 +278,7 @@ def audit_and_report(
         global_model=global_model,
         probe=public_probe_images(audit.images.shape[-1], audit.images.shape[1]),
         seed=config.seed,
+        calibration=facts.calibration,
     )
     # A class absent here keeps its global vector: a blank tile stands in for its image.
     present = support_indices >= 0

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sic_core import create_model
 from sic_core.calibration import (
     MARGIN_EDGES,
     Calibration,
@@ -18,7 +19,7 @@ from sic_core.calibration import (
     merge_histograms,
     raw_probabilities,
 )
-from sic_core.metrics import auroc, expected_calibration_error
+from sic_core.metrics import auroc, expected_calibration_error, inpaint, marker_counterfactual_shift
 
 
 def _miscalibrated(n: int, *, slope: float, offset: float, seed: int):
@@ -127,3 +128,32 @@ def test_round_trip_and_bad_input() -> None:
         MarginHistogram(torch.zeros(2, 2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="classes"):
         calibrated_probabilities(torch.zeros(3, 3), calibration)
+
+
+def test_the_counterfactual_marker_shift_reads_calibrated_probabilities(disc_images) -> None:
+    torch.manual_seed(0)
+    model = create_model("bcos_cnn_small", in_channels=1, num_classes=2, n_shot=1, proj_dim=8)
+    model.set_support(torch.rand(2, 8) + 0.1, torch.tensor([0, 1]))
+    images, _, _ = disc_images(6, 24, seed=0)
+    masks = torch.zeros(3, 1, 24, 24)
+    masks[:, :, 1:4, 1:10] = 1
+    marked = images[:3].clone()
+    marked[masks.expand_as(marked) > 0] = 1.0
+    calibration = Calibration(slopes=(4.0, 4.0), intercepts=(0.0, 0.0))
+    raw = marker_counterfactual_shift(model, marked, masks, images[3:])
+    calibrated = marker_counterfactual_shift(
+        model,
+        marked,
+        masks,
+        images[3:],
+        probabilities=lambda z: calibrated_probabilities(z, calibration),
+    )
+    with torch.no_grad():
+        present = model(torch.cat([marked, images[3:] * (1 - masks) + marked * masks]))
+        absent = model(torch.cat([inpaint(marked, masks), images[3:]]))
+    expected = (
+        calibrated_probabilities(present, calibration)[:, 1]
+        - calibrated_probabilities(absent, calibration)[:, 1]
+    ).mean()
+    assert calibrated.shift == pytest.approx(float(expected), abs=1e-6)
+    assert calibrated.flip_share == raw.flip_share
