@@ -539,17 +539,25 @@ def _summary_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     )
 
 
-_INTERVAL_COLUMNS = {"perf/auroc_ci_low": "perf/auroc", "perf/auroc_ci_high": "perf/auroc"}
+#: Shown inside another column's cell (the AUROC's interval, the ECE's raw value), so the
+#: round tables keep their width.
+_MERGED_COLUMNS = frozenset({"perf/auroc_ci_low", "perf/auroc_ci_high", "perf/ece_raw"})
 
 
 def _summary_cell(row: Mapping[str, Any], column: str) -> str:
-    """A summary value; the AUROC with its 95 % interval ("no CI" where it was withheld)."""
+    """A summary value; the AUROC with its 95 % interval ("no CI" where it was withheld)
+    and the calibrated ECE with the raw one, each on a second line."""
     cell = _number(row.get(column))
-    if column != "perf/auroc" or not _is_number(row.get(column)):
+    if not _is_number(row.get(column)):
         return cell
-    low, high = row.get("perf/auroc_ci_low"), row.get("perf/auroc_ci_high")
-    interval = _interval_cell([low, high]) if _is_number(low) and _is_number(high) else "no CI"
-    return f'{cell} <span class="muted">{_escape(interval)}</span>'
+    if column == "perf/auroc":
+        low, high = row.get("perf/auroc_ci_low"), row.get("perf/auroc_ci_high")
+        note = _interval_cell([low, high]) if _is_number(low) and _is_number(high) else "no CI"
+    elif column == "perf/ece" and _is_number(row.get("perf/ece_raw")):
+        note = f"raw {_number(row.get('perf/ece_raw'), 3)}"
+    else:
+        return cell
+    return f'{cell}<br><span class="muted">{_escape(note)}</span>'
 
 
 def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
@@ -560,8 +568,7 @@ def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
     uses the window's full width; a table wider still scrolls inside it, so no column is cut
     off.
     """
-    # An AUROC's interval is shown in the AUROC's own cell, not as columns of its own.
-    columns = [c for c in summary.get("columns", []) if c not in _INTERVAL_COLUMNS]
+    columns = [c for c in summary.get("columns", []) if c not in _MERGED_COLUMNS]
     rows = list(summary.get("rows", []))
     title = f"SIC federation summary: {summary.get('run', '')}"
     flagged = summary.get("flagged_sites_last_round", [])

@@ -139,7 +139,13 @@ def test_the_summary_shows_each_auroc_with_its_interval() -> None:
     summary = {
         "run": "fed-1",
         "rounds": [1],
-        "columns": ["perf/auroc", "perf/auroc_ci_low", "perf/auroc_ci_high", "perf/ece"],
+        "columns": [
+            "perf/auroc",
+            "perf/auroc_ci_low",
+            "perf/auroc_ci_high",
+            "perf/ece",
+            "perf/ece_raw",
+        ],
         "rows": [
             {
                 "round": 1,
@@ -156,9 +162,11 @@ def test_the_summary_shows_each_auroc_with_its_interval() -> None:
                 "perf/auroc_ci_low": None,
                 "perf/auroc_ci_high": None,
                 "perf/ece": 0.03,
+                "perf/ece_raw": 0.371,
             },
         ],
     }
     page = render_federation_summary_html(summary)
-    assert "0.95 <span" in page and "[0.9, 0.99]" in page and "no CI" in page
-    assert "auroc_<wbr>ci_<wbr>low" not in page
+    assert "0.95<br><span" in page and "[0.9, 0.99]" in page and "no CI" in page
+    assert "raw 0.371" in page
+    assert "auroc_<wbr>ci_<wbr>low" not in page and "ece_<wbr>raw" not in page
