@@ -551,6 +551,20 @@ def calibration_statistics(
     return margin_histogram(_logits(model, val_images), val_labels)
 
 
+def _balanced_accuracy_of(predicted: Tensor, labels: Tensor) -> Callable[[Tensor], float]:
+    """:func:`balanced_accuracy` of resampled cases, vectorised for the bootstrap."""
+    classes = int(labels.max()) + 1 if labels.numel() else 1
+    correct = (predicted == labels).double()
+
+    def statistic(index: Tensor) -> float:
+        counts = torch.bincount(labels[index], minlength=classes).double()
+        hits = torch.bincount(labels[index], weights=correct[index], minlength=classes)
+        present = counts > 0
+        return float((hits[present] / counts[present]).mean())
+
+    return statistic
+
+
 def _ece_of(probabilities: Tensor, labels: Tensor) -> Callable[[Tensor], float]:
     """:func:`expected_calibration_error` of resampled cases, vectorised for the bootstrap.
 
@@ -604,7 +618,7 @@ def evaluate_locally(
         "perf/auroc": auroc_interval(logits, val_labels),
         "perf/auroc_global_support": auroc_interval(global_logits, val_labels),
         "perf/balanced_accuracy": bootstrap_interval(
-            lambda index: balanced_accuracy(predicted[index], val_labels[index]), val_labels
+            _balanced_accuracy_of(predicted, val_labels), val_labels
         ),
         "perf/ece": bootstrap_interval(_ece_of(probabilities, val_labels), val_labels),
     }

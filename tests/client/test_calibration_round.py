@@ -13,7 +13,7 @@ from client.training import calibration_statistics, evaluate_locally
 from sic_core import create_model
 from sic_core.calibration import Calibration, fit_calibration, raw_probabilities
 from sic_core.errors import SiteError
-from sic_core.metrics import expected_calibration_error
+from sic_core.metrics import balanced_accuracy, expected_calibration_error
 from sic_core.support import SupportSet
 from sic_core.wire import ConfigKey
 
@@ -96,8 +96,8 @@ def test_the_round_calibration_is_read_from_the_evaluate_config() -> None:
         round_calibration(bad, 2)
 
 
-def test_the_bootstrap_ece_statistic_is_the_ece() -> None:
-    from client.training import _ece_of
+def test_the_bootstrap_statistics_are_the_metrics() -> None:
+    from client.training import _balanced_accuracy_of, _ece_of
 
     generator = torch.Generator().manual_seed(0)
     probabilities = torch.softmax(3 * torch.randn(50, 2, generator=generator), dim=1)
@@ -105,3 +105,7 @@ def test_the_bootstrap_ece_statistic_is_the_ece() -> None:
     index = torch.randint(50, (50,), generator=generator)
     expected = expected_calibration_error(probabilities[index], labels[index])
     assert _ece_of(probabilities, labels)(index) == pytest.approx(expected, abs=1e-12)
+    predicted = probabilities.argmax(dim=1)
+    assert _balanced_accuracy_of(predicted, labels)(index) == pytest.approx(
+        balanced_accuracy(predicted[index], labels[index]), abs=1e-12
+    )
