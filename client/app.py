@@ -9,8 +9,11 @@ data come from the on-disk cache of :func:`client.data.load_site_data`):
 - ``query.support``: per-class cluster sums and counts of the site's training embeddings
   under the global weights (:class:`SupportMetric`; under DP the noised release around the
   global support set);
-- ``evaluate``: global weights and support set, site-local nearest-image supports, AUROC,
-  balanced accuracy, calibration and loss on the validation split (:class:`EvalMetric`),
+- ``query.calibration``: binned validation margins under the new global support set (integer
+  counts, :class:`CalibrationMetric`), from which the server fits the round's calibration;
+- ``evaluate``: global weights and support set, site-local nearest-image supports, AUROC
+  with its 95 % interval, balanced accuracy, calibrated and raw ECE and loss on the
+  validation split (:class:`EvalMetric`),
   the explanation-quality metrics on the site's audit set (:class:`XaiMetric`), and the
   round report (:mod:`client.round_report`): the full copy stays in the site's state
   folder, the redacted one (or the full one, where sharing is allowed) goes to the server.
@@ -65,6 +68,7 @@ from client.training import (
     ModelSpec,
     RoundSettings,
     build_model,
+    calibration_statistics,
     config_value,
     evaluate_locally,
     private_support_statistics,
@@ -74,9 +78,11 @@ from client.training import (
     train_privately,
     weights_record,
 )
+from sic_core.calibration import Calibration
 from sic_core.errors import ConfigError, SiteError
 from sic_core.wire import (
     ArrayKey,
+    CalibrationMetric,
     ConfigKey,
     ErrorReason,
     EvalMetric,
@@ -95,6 +101,7 @@ __all__ = [
     "Received",
     "SiteResources",
     "app",
+    "calibration_at_site",
     "evaluate_at_site",
     "site_config_path",
     "support_at_site",
@@ -258,6 +265,12 @@ def support(message: Message, context: Context) -> Message:
     return _handle("support", message, context)
 
 
+@app.query(str(QueryName.CALIBRATION))
+def calibrate(message: Message, context: Context) -> Message:
+    """Binned validation margins under the sent weights and global support set."""
+    return _handle("calibration", message, context)
+
+
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the global model with site-local supports; audit its explanations; report."""
@@ -362,6 +375,62 @@ def support_at_site(
     return _reply(site, metrics, **{str(RecordKey.STATS): record})
 
 
+def calibration_at_site(
+    message: Received, context: Context, site: SiteResources, startup: float
+) -> RecordDict:
+    """The ``query.calibration`` reply's records: integer counts of binned validation margins."""
+    started = time.perf_counter()
+    config, device = site.config, site.device
+    _, spec = _spec(message, config, site.config_path)
+    global_support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
+    model = build_model(
+        spec, _record(message, RecordKey.ARRAYS, ArrayRecord), global_support, device=device
+    )
+    data = site.data()
+    train_split, val_split = data.split("train"), data.split("val")
+    histogram = calibration_statistics(
+        model,
+        global_support,
+        train_split.images,
+        train_split.labels,
+        val_split.images,
+        val_split.labels,
+    )
+    metrics = {
+        str(CalibrationMetric.NUM_EXAMPLES): histogram.cases,
+        str(CalibrationMetric.SECONDS): time.perf_counter() - started,
+        str(CalibrationMetric.STARTUP): startup,
+    }
+    record = ArrayRecord({str(ArrayKey.MARGIN_COUNTS): Array(histogram.counts.cpu().numpy())})
+    return _reply(site, metrics, **{str(RecordKey.STATS): record})
+
+
+def round_calibration(round_config: ConfigRecord, num_classes: int) -> Calibration | None:
+    """The round's global calibration from an ``evaluate`` config (``None``: none sent)."""
+    text = round_config.get(str(ConfigKey.CALIBRATION))
+    if text is None:
+        return None
+    try:
+        calibration = Calibration.from_dict(json.loads(str(text)))
+    except (ValueError, TypeError) as error:
+        raise SiteError(
+            f"round config {str(ConfigKey.CALIBRATION)!r}: {error}",
+            reason=str(ErrorReason.INVALID_MESSAGE),
+        ) from None
+    if calibration.num_classes != num_classes:
+        raise SiteError(
+            f"round config {str(ConfigKey.CALIBRATION)!r} has {calibration.num_classes} "
+            f"classes, the model {num_classes}",
+            reason=str(ErrorReason.INVALID_MESSAGE),
+        )
+    return calibration
+
+
+def _ci_bound(result_intervals: dict | None, index: int) -> float:
+    interval = (result_intervals or {}).get("perf/auroc")
+    return math.nan if interval is None else interval.to_list()[index]
+
+
 def evaluate_at_site(
     message: Received, context: Context, site: SiteResources, startup: float
 ) -> RecordDict:
@@ -376,6 +445,7 @@ def evaluate_at_site(
     )
     data = site.data()
     train_split, val_split = data.split("train"), data.split("val")
+    calibration = round_calibration(round_config, spec.num_classes)
     result = evaluate_locally(
         model,
         global_support,
@@ -383,6 +453,7 @@ def evaluate_at_site(
         train_split.labels,
         val_split.images,
         val_split.labels,
+        calibration=calibration,
     )
     local = result.local_support
     context.state[STATE_LOCAL_SUPPORT] = ArrayRecord(
@@ -400,6 +471,9 @@ def evaluate_at_site(
         str(EvalMetric.AUROC_GLOBAL_SUPPORT): _finite_or_chance(result.auroc_global_support),
         str(EvalMetric.LOCAL_SUPPORTS): int((local.indices >= 0).sum()),
         str(EvalMetric.ECE): _finite_or_zero(result.expected_calibration_error),
+        str(EvalMetric.ECE_RAW): _finite_or_zero(result.expected_calibration_error_raw),
+        str(EvalMetric.AUROC_CI_LOW): _ci_bound(result.intervals, 0),
+        str(EvalMetric.AUROC_CI_HIGH): _ci_bound(result.intervals, 1),
     }
     audit_started = time.perf_counter()
     dp_epsilon = _ledger(config).epsilon
@@ -414,8 +488,12 @@ def evaluate_at_site(
             "perf/accuracy": result.accuracy,
             "perf/loss": result.loss,
             "perf/ece": result.expected_calibration_error,
+            "perf/ece_raw": result.expected_calibration_error_raw,
         },
+        intervals=result.intervals or {},
+        calibration=calibration,
         reliability=result.reliability,
+        reliability_raw=result.reliability_raw or [],
         dp_epsilon=dp_epsilon,
         dp_delta=config.privacy.target_delta,
         released=[
@@ -445,7 +523,12 @@ def evaluate_at_site(
 
 
 #: The handlers' work by message kind (what the site worker runs for a forwarded message).
-HANDLERS = {"train": train_at_site, "support": support_at_site, "evaluate": evaluate_at_site}
+HANDLERS = {
+    "train": train_at_site,
+    "support": support_at_site,
+    "calibration": calibration_at_site,
+    "evaluate": evaluate_at_site,
+}
 
 
 def _finite_or_chance(value: float) -> float:

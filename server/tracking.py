@@ -67,6 +67,9 @@ SITE_METRIC_NAMES: dict[str, dict[str, str]] = {
         EvalMetric.AUROC_GLOBAL_SUPPORT: "perf/auroc_global_support",
         EvalMetric.LOCAL_SUPPORTS: "support/local_supports",
         EvalMetric.ECE: "perf/ece",
+        EvalMetric.ECE_RAW: "perf/ece_raw",
+        EvalMetric.AUROC_CI_LOW: "perf/auroc_ci_low",
+        EvalMetric.AUROC_CI_HIGH: "perf/auroc_ci_high",
         EvalMetric.SECONDS: "time/eval_s",
         EvalMetric.STARTUP: "time/eval_startup_s",
         EvalMetric.XAI_SECONDS: "time/xai_s",
@@ -81,7 +84,7 @@ DEVICE_TAG = "sicfed.device"
 
 def site_metric_name(phase: str, key: str) -> str | None:
     """The MLflow key of a site's wire metric (``xai/*`` keep theirs), ``None`` if not logged."""
-    if phase == "evaluate" and key.startswith("xai/"):
+    if phase == "evaluate" and key.startswith(("xai/", "why/")):
         return key
     return SITE_METRIC_NAMES[phase].get(key)
 
@@ -326,7 +329,7 @@ def read_federation(client: MlflowClient, parent_run_id: str, scratch: Path) -> 
         site = child.data.tags.get("sicfed.site") or child.info.run_name.removeprefix("site-")
         for key in child.data.metrics:
             is_flag = key.startswith("flag/")
-            if not (is_flag or key.startswith(("perf/", "xai/"))):
+            if not (is_flag or key.startswith(("perf/", "xai/", "why/"))):
                 continue
             target = stored.flags if is_flag else stored.values
             for metric in client.get_metric_history(child.info.run_id, key):

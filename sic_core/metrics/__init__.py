@@ -6,6 +6,13 @@ from sic_core.metrics.classification import (
     expected_calibration_error,
     reliability_bins,
 )
+from sic_core.metrics.intervals import (
+    Interval,
+    auroc_interval,
+    bootstrap_interval,
+    format_interval,
+    mean_interval,
+)
 from sic_core.metrics.maps import (
     completeness_max_rel_err,
     evidence_concentration,
@@ -45,10 +52,13 @@ __all__ = [
     "DataRandomisationResult",
     "DeletionInsertion",
     "GridPointingResult",
+    "Interval",
     "MapExplainer",
     "auroc",
+    "auroc_interval",
     "balanced_accuracy",
     "blur",
+    "bootstrap_interval",
     "cascade_rank_correlations",
     "cascading_randomisation",
     "completeness_max_rel_err",
@@ -56,6 +66,7 @@ __all__ = [
     "deletion_insertion",
     "evidence_concentration",
     "expected_calibration_error",
+    "format_interval",
     "gini",
     "grid_pointing_game",
     "grid_tile_scores",
@@ -63,6 +74,7 @@ __all__ = [
     "marker_counterfactual_shift",
     "mass_lift",
     "max_sensitivity",
+    "mean_interval",
     "parameter_layers",
     "parameter_noise_rank_correlation",
     "pointing_game",

@@ -265,6 +265,7 @@ def marker_counterfactual_shift(
     clean: Tensor,
     *,
     positive_class: int = 1,
+    probabilities: Callable[[Tensor], Tensor] | None = None,
 ) -> CounterfactualShift:
     """Counterfactual shortcut test: remove the artifact from marked images, paste it on clean ones.
 
@@ -277,6 +278,9 @@ def marker_counterfactual_shift(
     clean
         ``(B', C, H, W)`` images without it; each gets the artifact pixels of
         ``marked[i % B]`` pasted in place.
+    probabilities
+        Logits ``(N, C)`` to class probabilities (e.g. the calibrated ones of
+        :func:`sic_core.calibration.calibrated_probabilities`); default ``sigmoid``.
     """
     model.eval()
     with_marker = [marked]
@@ -291,7 +295,10 @@ def marker_counterfactual_shift(
     absent = model(torch.cat(without_marker).to(device)).cpu()
     if present.shape[0] == 0:
         return CounterfactualShift(shift=math.nan, flip_share=math.nan, pairs=0)
-    shift = torch.sigmoid(present[:, positive_class]) - torch.sigmoid(absent[:, positive_class])
+    to_probability = torch.sigmoid if probabilities is None else probabilities
+    shift = (
+        to_probability(present)[:, positive_class] - to_probability(absent)[:, positive_class]
+    ).float()
     flips = present.argmax(dim=1) != absent.argmax(dim=1)
     return CounterfactualShift(
         shift=float(shift.mean()), flip_share=float(flips.float().mean()), pairs=int(shift.numel())
