@@ -83,7 +83,7 @@ def run(
     audit.append(AuditEvent.RUN_SUBMITTED, actor=actor_here(), details={"overrides": overrides})
     if not follow:
         return
-    follow_to_the_end(coordinator, run_id, run_dir=run_dir, audit=audit, timeout=timeout)
+    follow_to_the_end(coordinator, run_id, run_dir=run_dir, timeout=timeout)
 
 
 def follow_to_the_end(
@@ -91,9 +91,8 @@ def follow_to_the_end(
     run_id: int,
     *,
     run_dir: Path,
-    audit: AuditLog,
     timeout: float,
-    log_run_id: int | None = None,
+    log_run_id: int | str | None = None,
 ) -> None:
     """Stream a run's rounds; exit non-zero with a one-line cause unless it completes.
 
@@ -120,10 +119,9 @@ def follow_to_the_end(
             log_run_id=log_run_id,
         )
     except RunLostError as error:
-        mark_run_ended(files, "failed", f"run_lost: {error}")
-        audit.append(
-            AuditEvent.RUN_FAILED, actor=actor_here(), details={"reason": f"run_lost: {error}"}
-        )
+        # Closing the MLflow runs is bounded (MLflow may have died too): the cause comes
+        # out within seconds whatever else is gone.
+        mark_run_ended(files, "failed", f"run_lost: {error}", actor=actor_here())
         _print_server_app_error(coordinator, run_id)
         console.print(Text(f"error: run {run_id} lost: {error}", style="red"), soft_wrap=True)
         raise typer.Exit(1) from None
@@ -132,8 +130,7 @@ def follow_to_the_end(
         console.print(f"stopping run {run_id} ({cause})", soft_wrap=True)
         with contextlib.suppress(SicfedError):
             stop_run(run_id, coordinator.flwr_home)
-        mark_run_ended(files, "killed", f"stopped by server run: {cause}")
-        audit.append(AuditEvent.RUN_STOPPED, actor=actor_here(), details={"reason": cause})
+        mark_run_ended(files, "killed", f"stopped by server run: {cause}", actor=actor_here())
         raise typer.Exit(1) from None
     console.print(round_table(outcome.rounds, title=f"run {run_id}: {outcome.status}"))
     if outcome.status == "completed":
@@ -142,12 +139,17 @@ def follow_to_the_end(
     reason = str(status.get("reason", ""))
     if not status:
         reason = "serverapp_failed: the ServerApp stopped before its first round"
-        mark_run_ended(files, "failed", reason)
+        mark_run_ended(files, "failed", reason, actor=actor_here())
     elif status.get("status") != "failed":  # the ServerApp died before it could record it
         reason = "serverapp_died: Flower ended the run but the ServerApp recorded no outcome"
-        mark_run_ended(files, "failed", reason)
+        mark_run_ended(files, "failed", reason, actor=actor_here())
     exception = _print_server_app_error(coordinator, run_id)
-    cause = f"{reason or 'unknown'}" + (f" ({exception})" if exception else "")
+    # The ServerApp's own account (e.g. which sites were missing and why) says more than
+    # the exception line that repeats it.
+    detail = str(status.get("detail", ""))
+    cause = f"{reason or 'unknown'}" + (
+        f": {detail}" if detail else f" ({exception})" if exception else ""
+    )
     console.print(Text(f"error: run {run_id} failed: {cause}", style="red"), soft_wrap=True)
     raise typer.Exit(1)
 
@@ -156,8 +158,11 @@ def _print_server_app_error(coordinator: Coordinator, run_id: int) -> str | None
     """Print the failing part of the ServerApp's log (``flwr log``, else the SuperLink log).
 
     Returns the exception that ended it (``SomeError: message``), if the log names one.
+    A dead SuperLink is not asked (``flwr log`` would only time out).
     """
     try:
+        if not coordinator.superlink_alive():
+            raise SicfedError("the SuperLink is not running")
         text = server_app_log(run_id, coordinator.flwr_home)
         source = f"flwr log {run_id}"
     except SicfedError:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from server.audit import actor_here
 from server.commands.start import DEFAULT_HOME
 from server.coordinator import Coordinator
 from server.processes import pid_alive, stop_pid_group
@@ -64,6 +65,7 @@ def stop(
             for line in reconcile_runs(
                 coordinator.home,
                 superlink_alive=False,
+                actor=actor_here(),
                 stopped_by="server stop" if was_running else None,
             ):
                 console.print(line)
