@@ -235,7 +235,9 @@ def main(grid: Grid, context: Context) -> None:
         # Which sites were missing and why (e.g. every site refused the app bundle).
         left_out = error.details() if isinstance(error, TooFewSitesError) else {}
         detail = {"detail": str(error)} if left_out else {}
-        files.write_status("failed", reason=reason, **detail, **left_out, **tracking)
+        files.write_status(
+            "failed", rounds=settings.rounds, reason=reason, **detail, **left_out, **tracking
+        )
         audit.append(
             AuditEvent.RUN_FAILED,
             actor=actor_here("serverapp"),

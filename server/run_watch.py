@@ -22,14 +22,11 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from server.audit import AuditEvent, AuditLog
 from server.checkpoint import RunFiles, read_status
 from sic_core.errors import SicfedError
-
-if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -233,14 +230,9 @@ def _close_mlflow_runs(
     parent = status.get("mlflow_parent_run_id")
     if not tracking_uri or not parent:
         return True
-    # Imported here, not in the worker: importing MLflow takes seconds on a busy machine.
-    from mlflow.tracking import MlflowClient
-
     closed: list[bool] = []
     worker = threading.Thread(
-        target=lambda: closed.append(
-            _close_mlflow_runs_now(MlflowClient(tracking_uri=tracking_uri), parent, end)
-        ),
+        target=lambda: closed.append(_close_mlflow_runs_now(tracking_uri, parent, end)),
         name="mlflow-close",
         daemon=True,
     )
@@ -258,11 +250,15 @@ def _close_mlflow_runs(
     return closed[0]
 
 
-def _close_mlflow_runs_now(client: MlflowClient, parent: str, end: EndStatus) -> bool:
+def _close_mlflow_runs_now(tracking_uri: str, parent: str, end: EndStatus) -> bool:
+    # Imported here, inside the bounded attempt: on a busy machine the import alone takes
+    # seconds.
     from mlflow.entities import RunStatus
+    from mlflow.tracking import MlflowClient
 
     terminal = RunStatus.to_string(RunStatus.KILLED if end == "killed" else RunStatus.FAILED)
     try:
+        client = MlflowClient(tracking_uri=tracking_uri)
         experiment = client.get_run(parent).info.experiment_id
         children = client.search_runs(
             [experiment],
