@@ -58,9 +58,13 @@ def run(
 
     The run writes checkpoints under HOME/checkpoints/<run id>/ and logs to the coordinator's
     MLflow server (parent run fed-<run id>, one child run per site). If the SuperLink or
-    the ServerApp dies, this exits 1 within 30 s with the cause and the ServerApp's error
-    (from `flwr log`), and marks the run failed in HOME/runs/<run id>/status.json and
-    MLflow.
+    the ServerApp dies, this exits 1 with the cause and the ServerApp's error (from `flwr
+    log`) and marks the run failed in HOME/runs/<run id>/status.json, the audit log and
+    MLflow: a dead SuperLink is noticed at the next 1 s check, a dead ServerApp when its
+    heartbeat is 20 s old, and closing the MLflow runs takes at most 10 s (a dead MLflow
+    server leaves them for the next `server start`). A round in which fewer than
+    min-sites sites took part ends the run with no_sites or too_few_sites and each
+    missing site's reason (exit 1).
 
     Examples
     --------

@@ -38,7 +38,7 @@ def status(
 
     A site that missed a heartbeat shows as lost (within 2 heartbeat periods, ~1 min, of
     its death). Runs that died without recording it (a crashed SuperLink or ServerApp)
-    are marked failed here, in status.json and in MLflow.
+    are marked failed here, in status.json, MLflow and the audit log (run_failed).
 
     Examples
     --------

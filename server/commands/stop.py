@@ -32,8 +32,9 @@ def stop(
 ) -> None:
     """Stop the coordinator's SuperLink and MLflow server (and everything they started).
 
-    A run still going on is stopped with the SuperLink and marked killed (status.json and
-    its MLflow runs).
+    A run still going on is stopped with the SuperLink and marked killed (status.json, its
+    MLflow runs and run_stopped in its audit log); one that a crash had already ended is
+    marked failed (run_failed).
 
     Examples
     --------
