@@ -5,6 +5,7 @@ Examples
     python -m bench                      # CPU, writes bench/results/cpu.json
     python -m bench --device cuda        # GPU, writes bench/results/gpu.json
     python -m bench --only training      # one section
+    python -m bench --only cli           # seconds of `python -m server --help` and client's
     python -m bench --only operations    # crash detection: kill -9, then the follower's exit
     python -m bench --only scale         # 10/30/100 simulated sites (minutes; needs the
                                          # [simulation] extra); appends results/scale.json
@@ -34,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("training", "dp", "data", "round", "explain", "operations")
+SECTIONS = ("training", "dp", "data", "round", "explain", "cli", "operations")
 #: Sections run only when named with --only (too slow for `make bench`, or an extra needed);
 #: each appends its record to results/<name>.json.
 OPTIONAL_SECTIONS = ("scale", "learning")

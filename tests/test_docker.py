@@ -223,8 +223,8 @@ def test_the_image_runs_as_uid_and_gid_10001() -> None:
     (run,) = [r for r in _instructions("RUN") if "useradd" in r]
     assert "--gid 10001 site" in run and "--uid 10001 --gid 10001 site" in run
     assert _instructions("USER") == ["site"]
-    readme = (ROOT / "README.md").read_text()
-    assert "chown -R 10001:10001" in readme
+    site_guide = (ROOT / "docs" / "how-to" / "site.md").read_text()
+    assert "chown -R 10001:10001" in site_guide
 
 
 def test_entrypoint_runs_the_join_command_of_the_site_cli() -> None:
