@@ -5,7 +5,7 @@ authentication are covered by ``test_security.py``) serves, in order:
 
 1. a run whose bundle every site refuses: ``no_sites``, no checkpoint, failed everywhere;
 2. ``server resume`` of a run whose id does not fit a signed 64-bit integer;
-3. a crash that no follower saw: the README's restart line brings the coordinator back on
+3. a crash that no follower saw: the coordinator guide's restart line brings the coordinator back on
    the ports it had and the lost run is ``run_failed`` in the audit log;
 4. ``kill -9`` of the SuperLink, the ServerApp and MLflow together: ``server run`` exits 1
    naming the SuperLink, after recording the failure (no wall time is asserted; the
@@ -46,7 +46,8 @@ from tests.server.test_resume import CoordinatorCrashError, CrashingGrid
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+#: The coordinator's guide, whose restart line after a crash the tests run.
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "how-to" / "coordinator.md"
 SITES = ("site_a", "site_b")
 SIZE = 16
 #: Above 2**63 - 1: Flower run ids are unsigned 64-bit, its run-config integers signed.
@@ -68,9 +69,9 @@ def python_m(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[st
     )
 
 
-def readme_restart_command(home: Path) -> list[str]:
-    """The README's restart line after a crash, as argv, for the coordinator in ``home``."""
-    lines = README.read_text().splitlines()
+def documented_restart_command(home: Path) -> list[str]:
+    """The guide's restart line after a crash, as argv, for the coordinator in ``home``."""
+    lines = GUIDE.read_text().splitlines()
     marker = next(i for i, line in enumerate(lines) if line.startswith("# after a coordinator"))
     line = lines[marker + 1].split("#")[0].strip()
     argv = shlex.split(line)
@@ -126,7 +127,7 @@ def _join(group: ProcessGroup, deployment: Deployment, approved: str, *extra: st
                 "--superlink",
                 f"127.0.0.1:{deployment.ports['port']}",
                 "--insecure",
-                "--port",
+                "--local-port",
                 str(free_port(9600 + index)),
                 "--poll-interval",
                 "0.25",
@@ -265,7 +266,7 @@ def test_a_crash_nobody_followed_is_audited_and_the_restart_keeps_its_ports(
     )
     assert refused.returncode == 2 and "--reconfigure" in refused.stdout, refused.stdout
     restarted = subprocess.run(
-        readme_restart_command(home),
+        documented_restart_command(home),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -312,9 +313,9 @@ def test_the_follower_names_the_lost_superlink_when_mlflow_died_with_it(
         if "did not answer within" in line or "could not close the MLflow runs" in line
     ]
     assert gave_up_on_mlflow and gave_up_on_mlflow[-1] < len(lines) - 1, lines
-    # The README's restart brings MLflow back, and the runs it could not close get closed.
+    # The documented restart brings MLflow back, and the runs it could not close get closed.
     restarted = subprocess.run(
-        readme_restart_command(home),
+        documented_restart_command(home),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
