@@ -366,7 +366,7 @@ def follow_run(
     poll_interval: float = 1.0,
     flower_poll_interval: float = 5.0,
     unreachable_after: float = 20.0,
-    flower_timeout: float = 30.0,
+    flower_timeout: float = 120.0,
     log_run_id: int | str | None = None,
 ) -> RunOutcome:
     """Wait for a run to finish, calling ``on_round`` for each round as it completes.
@@ -392,8 +392,8 @@ def follow_run(
     unreachable_after
         Seconds the SuperLink may fail to answer ``flwr list`` before the run counts as lost.
     flower_timeout
-        Seconds one ``flwr list`` may take (it fails at once against a dead SuperLink; this
-        bounds a hanging one).
+        Seconds one ``flwr list`` may take. Against a dead SuperLink it fails at once (and
+        its process check comes first); this bounds a hung one.
     log_run_id
         The run whose files the ServerApp writes (a resumed run writes into the original
         run's); default ``run_id``.
@@ -425,14 +425,16 @@ def follow_run(
         if now - last_flower_check >= flower_poll_interval:
             last_flower_check = now
             try:
-                # Bounded: a SuperLink that hangs must not hold up the checks above for long.
+                # Bounded, but generously: on a loaded machine `flwr` itself can take tens
+                # of seconds to start, and a slow answer is not a lost SuperLink.
                 info = run_info(run_id, coordinator.flwr_home, timeout=flower_timeout)
                 flower_status = str(info.get("status", ""))
                 last_answer = now
             except SicfedError as error:
-                if now - last_answer > unreachable_after:
+                silent = time.monotonic() - last_answer  # a timed-out call counts whole
+                if silent > unreachable_after:
                     raise RunLostError(
-                        f"the SuperLink has not answered for {now - last_answer:.0f} s: {error}"
+                        f"the SuperLink has not answered for {silent:.0f} s: {error}"
                     ) from None
         if flower_status.startswith("finished"):
             final = read_rounds(files.rounds_path)
