@@ -9,6 +9,7 @@ Examples
     python -m bench --only site          # one site's message overhead and training on the
                                          # device (--device cuda: on the GPU)
     python -m bench --only cli           # seconds of `python -m server --help` and client's
+    python -m bench --only operations    # crash detection: kill -9, then the follower's exit
     python -m bench --only scale         # 10/30/100 simulated sites (minutes; needs the
                                          # [simulation] extra); appends results/scale.json
     python -m bench --only learning      # SIC vs a plain CNN on every preset, 64 and 128 px,
@@ -41,7 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("training", "dp", "data", "round", "explain", "cli", "site")
+SECTIONS = ("training", "dp", "data", "round", "explain", "cli", "site", "operations")
 #: Sections run only when named with --only (too slow for `make bench`, or an extra needed);
 #: each appends its record to results/<name>.json.
 OPTIONAL_SECTIONS = ("scale", "learning", "explainers")

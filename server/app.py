@@ -24,7 +24,7 @@ from server.resume import find_resume_point, restore_strategy, resumed_settings,
 from server.run_watch import ServerAppHeartbeat
 from server.settings import RunSettings
 from server.sites import SiteDirectory
-from server.strategy import SicStrategy, make_aggregator, with_central_dp
+from server.strategy import SicStrategy, TooFewSitesError, make_aggregator, with_central_dp
 from server.tracking import MlflowTracker
 from server.update_bound import UpdateNormBound
 from server.warm_start import load_initial_weights
@@ -130,6 +130,7 @@ def build_strategy(settings: RunSettings, sites: SiteDirectory | None = None) ->
         # Under DP the anchor rounds keep the public anchors as the global support set (sites
         # train against them) instead of spending privacy on a support release.
         public_support_rounds=settings.anchor_rounds if settings.dp else 0,
+        min_accepted=settings.min_sites,
     )
 
 
@@ -231,9 +232,16 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException as error:
         reason = error.reason if isinstance(error, SicfedError) else "server_error"
         log.exception("federation run %s failed (%s)", context.run_id, reason)
-        files.write_status("failed", reason=reason, **tracking)
+        # Which sites were missing and why (e.g. every site refused the app bundle).
+        left_out = error.details() if isinstance(error, TooFewSitesError) else {}
+        detail = {"detail": str(error)} if left_out else {}
+        files.write_status(
+            "failed", rounds=settings.rounds, reason=reason, **detail, **left_out, **tracking
+        )
         audit.append(
-            AuditEvent.RUN_FAILED, actor=actor_here("serverapp"), details={"reason": reason}
+            AuditEvent.RUN_FAILED,
+            actor=actor_here("serverapp"),
+            details={"reason": reason, **left_out},
         )
         if tracker is not None:
             tracker.finish("failed")

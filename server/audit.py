@@ -8,9 +8,12 @@ Append-only, one JSON object per line, each chained to the line before by its ha
 
 ``hash`` is the SHA-256 of the entry without ``hash``, serialised as canonical JSON (keys
 sorted, no spaces, UTF-8); ``prev_hash`` is the previous line's ``hash`` (64 zeros on the
-first line); ``seq`` counts lines from 0. Editing, inserting or deleting a line breaks the
-chain at that line (:func:`verify_audit_log`). Dropping lines from the *end* leaves a valid
-shorter chain: compare the head hash that ``audit verify`` prints with one recorded elsewhere.
+first line); ``seq`` counts lines from 0. Every line is written as the canonical JSON of its
+entry followed by ``\n``, and :func:`verify_audit_log` accepts nothing else, so the chain
+covers each line's exact bytes: any edit, even of white space, key order or the line end,
+breaks it at that line, and so does inserting or deleting a line. Dropping lines from the
+*end* leaves a valid shorter chain: compare the head hash that ``audit verify`` prints with
+one recorded elsewhere.
 
 Several processes append to one log (``server run`` and the ServerApp), so every append
 holds an exclusive ``flock`` while it reads the last line and writes its own, then fsyncs.
@@ -192,7 +195,10 @@ class AuditVerdict:
 
 
 def verify_audit_log(path: Path) -> AuditVerdict:
-    """Check every line's keys, sequence number, link to the previous line and own hash.
+    """Check every line's keys, sequence number, link to the previous line, own hash and bytes.
+
+    A line verifies only as the exact bytes :meth:`AuditLog.append` writes: the canonical
+    JSON of its entry and a ``\n``.
 
     Raises
     ------
@@ -201,7 +207,11 @@ def verify_audit_log(path: Path) -> AuditVerdict:
     """
     head = GENESIS_HASH
     with open(path, "rb") as stream:
-        lines = stream.read().splitlines()
+        content = stream.read()
+    # Split on "\n" alone: a line end rewritten as "\r\n" is an edit too.
+    lines = content.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line
     for number, line in enumerate(lines, start=1):
         try:
             entry = json.loads(line)
@@ -223,5 +233,13 @@ def verify_audit_log(path: Path) -> AuditVerdict:
             expected = ""
         if entry["hash"] != expected:
             return AuditVerdict(number - 1, head, number, "hash does not match the entry")
+        if line != _canonical(entry) or (number == len(lines) and not content.endswith(b"\n")):
+            return AuditVerdict(
+                number - 1,
+                head,
+                number,
+                "the line's bytes are not the canonical JSON of its entry ended by a newline "
+                "(the line was edited)",
+            )
         head = entry["hash"]
     return AuditVerdict(len(lines), head)

@@ -3,6 +3,7 @@
 A coordinator home folder holds everything of one federation deployment::
 
     HOME/coordinator.json     addresses of the SuperLink (site-facing) and the MLflow server
+    HOME/start.json           host, ports and security options of `start` (reused by a restart)
     HOME/tls/                 CA and server certificate (`python -m server certs`)
     HOME/sites.json           registered sites: name, key fingerprint, time, node id
     HOME/pids.json            processes started by `start` (read by `stop` and `status`)
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.table import Table
 from rich.text import Text
 
@@ -43,12 +45,14 @@ from server.processes import (
 from server.run_watch import RunLostError, liveness_problem, strip_ansi
 from server.staging import stage_app
 from server.tls import TlsFiles
-from sic_core.errors import SicfedError
+from sic_core.atomic import atomic_write
+from sic_core.errors import ConfigError, SicfedError
 
 __all__ = [
     "Coordinator",
     "CoordinatorAddresses",
     "RunOutcome",
+    "StartSettings",
     "follow_run",
     "free_port",
     "round_table",
@@ -72,6 +76,23 @@ def free_port(preferred: int, host: str = "127.0.0.1") -> int:
     raise ProcessStartError(f"no free TCP port on {host}")
 
 
+class StartSettings(BaseModel):
+    """How ``server start`` runs the coordinator; stored in ``HOME/start.json``.
+
+    The first ``start`` in a home writes them; a later one reuses them, so that a restart
+    after a crash comes back on the same addresses (``--reconfigure`` changes them).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    control_port: int = Field(8001, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    insecure: bool = False
+    site_auth: bool = True
+
+
 @dataclass(frozen=True)
 class CoordinatorAddresses:
     """Where the coordinator's services listen."""
@@ -91,6 +112,7 @@ class Coordinator:
         self.logs = self.home / "logs"
         self.pid_file = self.home / "pids.json"
         self.address_file = self.home / "coordinator.json"
+        self.start_file = self.home / "start.json"
         self.tls = TlsFiles(self.home / "tls")
         self.roster_file = self.home / "sites.json"
 
@@ -106,6 +128,30 @@ class Coordinator:
                 f"--home {self.home}` first"
             )
         return CoordinatorAddresses(**json.loads(self.address_file.read_text()))
+
+    def start_settings(self) -> StartSettings | None:
+        """The settings of the last successful ``start`` in this home (``None``: never).
+
+        Raises
+        ------
+        ConfigError
+            If ``HOME/start.json`` is not a valid record (naming the file and the field).
+        """
+        if not self.start_file.exists():
+            return None
+        try:
+            return StartSettings.model_validate_json(self.start_file.read_text())
+        except ValidationError as error:
+            fields = "; ".join(
+                f"{'.'.join(str(p) for p in item['loc']) or '(file)'}: {item['msg']}"
+                for item in error.errors(include_url=False)
+            )
+            raise ConfigError(f"{self.start_file}: {fields}") from None
+
+    def save_start_settings(self, settings: StartSettings) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        payload = settings.model_dump_json(indent=2).encode()
+        atomic_write(self.start_file, lambda stream: stream.write(payload))
 
     def recorded_processes(self) -> dict[str, dict[str, Any]]:
         """``name -> {pid, log}`` from the pid file (empty if none)."""
@@ -324,7 +370,8 @@ def follow_run(
     poll_interval: float = 1.0,
     flower_poll_interval: float = 5.0,
     unreachable_after: float = 20.0,
-    log_run_id: int | None = None,
+    flower_timeout: float = 120.0,
+    log_run_id: int | str | None = None,
 ) -> RunOutcome:
     """Wait for a run to finish, calling ``on_round`` for each round as it completes.
 
@@ -348,6 +395,9 @@ def follow_run(
         Seconds between two ``flwr list`` calls.
     unreachable_after
         Seconds the SuperLink may fail to answer ``flwr list`` before the run counts as lost.
+    flower_timeout
+        Seconds one ``flwr list`` may take. Against a dead SuperLink it fails at once (and
+        its process check comes first); this bounds a hung one.
     log_run_id
         The run whose files the ServerApp writes (a resumed run writes into the original
         run's); default ``run_id``.
@@ -379,12 +429,16 @@ def follow_run(
         if now - last_flower_check >= flower_poll_interval:
             last_flower_check = now
             try:
-                flower_status = str(run_info(run_id, coordinator.flwr_home).get("status", ""))
+                # Bounded, but generously: on a loaded machine `flwr` itself can take tens
+                # of seconds to start, and a slow answer is not a lost SuperLink.
+                info = run_info(run_id, coordinator.flwr_home, timeout=flower_timeout)
+                flower_status = str(info.get("status", ""))
                 last_answer = now
             except SicfedError as error:
-                if now - last_answer > unreachable_after:
+                silent = time.monotonic() - last_answer  # a timed-out call counts whole
+                if silent > unreachable_after:
                     raise RunLostError(
-                        f"the SuperLink has not answered for {now - last_answer:.0f} s: {error}"
+                        f"the SuperLink has not answered for {silent:.0f} s: {error}"
                     ) from None
         if flower_status.startswith("finished"):
             final = read_rounds(files.rounds_path)

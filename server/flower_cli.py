@@ -59,8 +59,14 @@ def _flwr(args: list[str], flwr_home: Path, *, timeout: float = 120.0) -> dict[s
         payload = None
     if completed.returncode != 0 or not isinstance(payload, dict) or not payload.get("success"):
         detail = (payload or {}).get("error-message") if isinstance(payload, dict) else None
+        # With --format json, flwr exits 0 even when it failed; say what it did report.
+        how = (
+            f"exit {completed.returncode}"
+            if completed.returncode != 0
+            else "exit 0, but its answer says it did not succeed"
+        )
         raise FlowerCliError(
-            f"`flwr {' '.join(args)}` failed (exit {completed.returncode}): "
+            f"`flwr {' '.join(args)}` failed ({how}): "
             f"{detail or (completed.stderr or completed.stdout).strip()[-2000:]}"
         )
     return payload
@@ -94,11 +100,10 @@ def list_runs(flwr_home: Path) -> list[dict[str, Any]]:
     return list(_flwr(["list", CONNECTION, "--format", "json"], flwr_home)["runs"])
 
 
-def run_info(run_id: int, flwr_home: Path) -> dict[str, Any]:
-    """Status, timings and traffic of one run (``flwr list --run-id``)."""
-    runs = _flwr(["list", CONNECTION, "--run-id", str(run_id), "--format", "json"], flwr_home)[
-        "runs"
-    ]
+def run_info(run_id: int, flwr_home: Path, *, timeout: float = 120.0) -> dict[str, Any]:
+    """Status, timings and traffic of one run (``flwr list --run-id``), within ``timeout`` s."""
+    args = ["list", CONNECTION, "--run-id", str(run_id), "--format", "json"]
+    runs = _flwr(args, flwr_home, timeout=timeout)["runs"]
     if not runs:
         raise FlowerCliError(f"the SuperLink does not know run {run_id}")
     return dict(runs[0])

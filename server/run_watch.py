@@ -24,12 +24,14 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from server.audit import AuditEvent, AuditLog
 from server.checkpoint import RunFiles, read_status
 from sic_core.errors import SicfedError
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_STALE_AFTER",
+    "MLFLOW_CLOSE_TIMEOUT",
     "RunLostError",
     "ServerAppHeartbeat",
     "error_excerpt",
@@ -49,6 +51,12 @@ HEARTBEAT_INTERVAL = 5.0
 #: A heartbeat older than this means the ServerApp is gone (three missed beats plus slack
 #: for a busy machine; well inside the 30 s within which ``server run`` must notice).
 HEARTBEAT_STALE_AFTER = 20.0
+
+#: Seconds that closing a run's MLflow runs may take. MLflow's client retries a dead server
+#: with exponential backoff for about 4 minutes; a follower that noticed a dead coordinator
+#: must not wait for that (``status.json`` then says ``mlflow_closed: false`` and the next
+#: ``start``, ``status`` or ``resume`` closes them).
+MLFLOW_CLOSE_TIMEOUT = 10.0
 
 EndStatus = Literal["failed", "killed"]
 
@@ -178,28 +186,73 @@ def exception_line(log_text: str) -> str | None:
     return None
 
 
-def mark_run_ended(files: RunFiles, status: EndStatus, reason: str) -> None:
-    """Record that a run ended badly: ``status.json`` and its MLflow runs.
+def mark_run_ended(
+    files: RunFiles, status: EndStatus, reason: str, *, actor: str | None = None
+) -> bool:
+    """Record that a run ended badly: ``status.json``, the audit log and its MLflow runs.
 
-    The ``status.json`` keeps its other fields and gets ``status`` and ``reason``. The
-    MLflow parent run named there (``mlflow_parent_run_id``) and its child runs still
-    RUNNING are closed as FAILED or KILLED; an unreachable MLflow server is logged, not
-    raised (the next ``start``, ``status`` or ``resume`` tries again while ``status.json``
-    says ``mlflow_closed: false``).
+    In that order, so that nothing waits on MLflow: ``status.json`` keeps its other fields
+    and gets ``status`` and ``reason``; with ``actor`` (who noticed, e.g. ``user@host``)
+    the audit log gets ``run_failed`` (or ``run_stopped`` for ``killed``) with the
+    reason. Then the MLflow parent run named there (``mlflow_parent_run_id``) and its
+    child runs still RUNNING are closed as FAILED or KILLED, within
+    :data:`MLFLOW_CLOSE_TIMEOUT`; an unreachable MLflow server is logged, not raised, and
+    ``status.json`` keeps ``mlflow_closed: false`` (the next ``start``, ``status`` or
+    ``resume`` tries again). Returns whether the MLflow runs are closed.
     """
     previous = read_status(files.status_path) or {}
     details = {k: v for k, v in previous.items() if k not in ("run_id", "status")}
     details["reason"] = reason
-    details["mlflow_closed"] = _close_mlflow_runs(previous, status)
-    files.write_status(status, **details)
+    tracked = bool(previous.get("tracking_uri") and previous.get("mlflow_parent_run_id"))
+    files.write_status(status, **{**details, "mlflow_closed": not tracked})
+    if actor is not None:
+        event = AuditEvent.RUN_STOPPED if status == "killed" else AuditEvent.RUN_FAILED
+        AuditLog(files.audit_path, files.run_id).append(
+            event, actor=actor, details={"reason": reason}
+        )
+    if not tracked:
+        return True
+    closed = _close_mlflow_runs(previous, status)
+    if closed:
+        files.write_status(status, **{**details, "mlflow_closed": True})
+    return closed
 
 
-def _close_mlflow_runs(status: dict[str, Any], end: EndStatus) -> bool:
-    """Close the parent and still-running child runs; True when done (or nothing to do)."""
+def _close_mlflow_runs(
+    status: dict[str, Any], end: EndStatus, *, timeout: float = MLFLOW_CLOSE_TIMEOUT
+) -> bool:
+    """Close the parent and still-running child runs; True when done (or nothing to do).
+
+    Gives up after ``timeout`` seconds (the attempt goes on in a daemon thread, which
+    dies with this process).
+    """
     tracking_uri = status.get("tracking_uri")
     parent = status.get("mlflow_parent_run_id")
     if not tracking_uri or not parent:
         return True
+    closed: list[bool] = []
+    worker = threading.Thread(
+        target=lambda: closed.append(_close_mlflow_runs_now(tracking_uri, parent, end)),
+        name="mlflow-close",
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout)
+    if not closed:
+        log.warning(
+            "MLflow at %s did not answer within %.0f s: the runs of parent %s stay open until "
+            "the next `server start`, `status` or `resume`",
+            tracking_uri,
+            timeout,
+            parent,
+        )
+        return False
+    return closed[0]
+
+
+def _close_mlflow_runs_now(tracking_uri: str, parent: str, end: EndStatus) -> bool:
+    # Imported here, inside the bounded attempt: on a busy machine the import alone takes
+    # seconds.
     from mlflow.entities import RunStatus
     from mlflow.tracking import MlflowClient
 
@@ -222,12 +275,13 @@ def _close_mlflow_runs(status: dict[str, Any], end: EndStatus) -> bool:
 
 
 def reconcile_runs(
-    run_dir: Path, *, superlink_alive: bool, stopped_by: str | None = None
+    run_dir: Path, *, superlink_alive: bool, actor: str, stopped_by: str | None = None
 ) -> list[str]:
     """Mark every run under ``run_dir`` that died without saying so as failed.
 
     A run counts as dead when its ``status.json`` says ``running`` and
-    :func:`liveness_problem` names a cause; a run that already ended badly but whose
+    :func:`liveness_problem` names a cause; it is marked as :func:`mark_run_ended` does,
+    audit log included (nobody else saw it die). A run that already ended badly but whose
     MLflow runs could not be closed then is retried.
 
     Parameters
@@ -236,9 +290,12 @@ def reconcile_runs(
         The runs' ``run-dir`` (the coordinator home by default).
     superlink_alive
         Whether the coordinator's SuperLink process exists.
+    actor
+        Who noticed (the audit entries' ``actor``, e.g. :func:`server.audit.actor_here`).
     stopped_by
         The operator's command that stopped the SuperLink (e.g. ``server stop``): dead
-        runs are then marked ``killed`` with that cause instead of ``failed``.
+        runs are then marked ``killed`` (``run_stopped``) with that cause instead of
+        ``failed``.
 
     Returns
     -------
@@ -254,12 +311,15 @@ def reconcile_runs(
             if cause is None:
                 continue
             if stopped_by is not None:
-                mark_run_ended(files, "killed", f"stopped by {stopped_by}")
+                mark_run_ended(files, "killed", f"stopped by {stopped_by}", actor=actor)
                 marked.append(f"run {files.run_id}: killed (stopped by {stopped_by})")
                 continue
-            mark_run_ended(files, "failed", f"run_lost: {cause}")
+            mark_run_ended(files, "failed", f"run_lost: {cause}", actor=actor)
             marked.append(f"run {files.run_id}: failed ({cause})")
-        elif status.get("status") in ("failed", "killed") and status.get("mlflow_closed") is False:
-            mark_run_ended(files, status["status"], str(status.get("reason", "")))
+        elif (
+            status.get("status") in ("failed", "killed")
+            and status.get("mlflow_closed") is False
+            and mark_run_ended(files, status["status"], str(status.get("reason", "")))
+        ):
             marked.append(f"run {files.run_id}: MLflow runs closed as {status['status']}")
     return marked

@@ -83,8 +83,10 @@ class RunSettings(BaseModel):
         MLflow tracking server (empty: no tracking) and the study (experiment
         ``sicfed/<study>``).
     resume_run
-        Continue this earlier run after its last complete round (0: a new run); set by
-        ``python -m server resume`` (:mod:`server.resume`).
+        Continue this earlier run after its last complete round (empty: a new run); set by
+        ``python -m server resume`` (:mod:`server.resume`). A string of digits: Flower's run
+        ids are unsigned 64-bit, its run-config integers signed 64-bit, so half of all run
+        ids would not fit an integer value.
     """
 
     # No populate_by_name: a field name (local_epochs) is not a run-config key, and Flower
@@ -123,7 +125,15 @@ class RunSettings(BaseModel):
     run_dir: str = Field("runs", alias="run-dir")
     tracking_uri: str = Field("", alias="tracking-uri")
     study: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    resume_run: int = Field(0, ge=0, alias="resume-run")
+    resume_run: str = Field("", pattern=r"^[0-9]*$", alias="resume-run")
+
+    @field_validator("resume_run", mode="before")
+    @classmethod
+    def _run_id_as_digits(cls, value: Any) -> Any:
+        """A run id given as a number (``--set resume-run=42``) becomes its digits (0: none)."""
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return str(value) if value else ""
+        return value
 
     @field_validator("encoder")
     @classmethod

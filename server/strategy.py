@@ -70,7 +70,7 @@ from sic_core.calibration import (
     fit_calibration,
     merge_histograms,
 )
-from sic_core.errors import ConfigError
+from sic_core.errors import ConfigError, SicfedError
 from sic_core.support import ClusterStatistics, SupportSet, merge_cluster_statistics
 from sic_core.wire import ArrayKey, ConfigKey, EvalMetric, QueryName, RecordKey, parse_error
 
@@ -82,6 +82,7 @@ __all__ = [
     "PhaseReport",
     "SicStrategy",
     "SiteOutcome",
+    "TooFewSitesError",
     "base_aggregator",
     "make_aggregator",
     "support_record",
@@ -335,6 +336,35 @@ class PhaseReport:
         return [o for o in self.outcomes if o.status != "ok"]
 
 
+class TooFewSitesError(SicfedError):
+    """Fewer sites than ``min-sites`` were accepted in a phase: the round aggregates nothing.
+
+    ``reason`` is ``no_sites`` when no site's reply was accepted, ``too_few_sites``
+    otherwise; :meth:`details` names every site that was left out and why (e.g.
+    ``app_not_approved``).
+    """
+
+    def __init__(self, report: PhaseReport, required: int) -> None:
+        self.report = report
+        self.required = required
+        self.reason = "no_sites" if not report.ok else "too_few_sites"
+        left_out = ", ".join(f"{o.site}: {o.reason}" for o in report.problems) or "none sampled"
+        super().__init__(
+            f"round {report.server_round}, {report.phase}: {len(report.ok)} of the required "
+            f"{required} sites took part ({left_out}); nothing was aggregated"
+        )
+
+    def details(self) -> dict[str, Any]:
+        """``round``, ``phase``, ``required``, ``accepted`` and ``sites`` (site -> reason)."""
+        return {
+            "round": self.report.server_round,
+            "phase": self.report.phase,
+            "required": self.required,
+            "accepted": [o.site for o in self.report.ok],
+            "sites": {o.site: o.reason for o in self.report.problems},
+        }
+
+
 Checker = Callable[[RecordDict], Rejection | None]
 
 
@@ -364,6 +394,10 @@ class SicStrategy(Strategy):
         (the class anchors) and no support query is sent. DP runs use it for their anchor
         rounds: sites train against the public anchors then, and a DP support release would
         spend privacy on vectors that noise swamps at a few hundred images per site.
+    min_accepted
+        Fewest accepted replies a phase needs (the run's ``min-sites``): with fewer, the
+        phase aggregates nothing and raises :class:`TooFewSitesError`. 0 leaves a phase
+        without valid replies unaggregated without raising (tests of single phases).
     """
 
     def __init__(
@@ -379,8 +413,10 @@ class SicStrategy(Strategy):
         merge_seed: int = 0,
         sites: SiteDirectory | None = None,
         public_support_rounds: int = 0,
+        min_accepted: int = 0,
     ) -> None:
         self.aggregator = aggregator
+        self.min_accepted = min_accepted
         self.public_support_rounds = public_support_rounds
         self.num_classes = num_classes
         self.n_shot = n_shot
@@ -648,6 +684,7 @@ class SicStrategy(Strategy):
                 content, reference, max_update_norm=self.max_update_norm
             ),
         )
+        self._require_enough(report)
         if not accepted:
             log.warning(
                 "train round %d: no valid reply; the global model is unchanged", server_round
@@ -656,6 +693,17 @@ class SicStrategy(Strategy):
         self._bound_updates(accepted, report, reference)
         arrays, metrics = self.aggregator.aggregate_train(server_round, accepted)
         return _like(arrays, reference), metrics
+
+    def _require_enough(self, report: PhaseReport) -> None:
+        if len(report.ok) < self.min_accepted:
+            log.error(
+                "%s round %d: %d of the required %d sites took part; the run stops",
+                report.phase,
+                report.server_round,
+                len(report.ok),
+                self.min_accepted,
+            )
+            raise TooFewSitesError(report, self.min_accepted)
 
     def _bound_updates(
         self, accepted: list[Message], report: PhaseReport, reference: ArrayRecord
@@ -697,7 +745,7 @@ class SicStrategy(Strategy):
         if 0 < server_round <= self.public_support_rounds:
             self.reports[Phase.SUPPORT] = PhaseReport(Phase.SUPPORT, server_round)
             return None
-        accepted, _ = self.review(
+        accepted, report = self.review(
             Phase.SUPPORT,
             server_round,
             replies,
@@ -705,6 +753,7 @@ class SicStrategy(Strategy):
                 content, num_classes=self.num_classes, n_shot=self.n_shot, dim=self.proj_dim
             ),
         )
+        self._require_enough(report)
         if not accepted:
             log.warning("support round %d: no valid reply; keeping the support set", server_round)
             return None
@@ -743,6 +792,7 @@ class SicStrategy(Strategy):
             replies,
             lambda content: check_eval_reply(content, num_classes=self.num_classes),
         )
+        self._require_enough(report)
         if not accepted:
             log.warning("evaluate round %d: no valid reply", server_round)
             return None

@@ -9,8 +9,10 @@ imports happen inside the command so that ``--help`` stays fast.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -551,9 +553,50 @@ def join(
         flower_supernode()
     except SystemExit:
         if refusal.code is not None:
+            _stop_children()
             console.print(f"[red]error:[/] {refusal.explain(auth_key)}", soft_wrap=True)
             raise typer.Exit(3) from None
         raise
+
+
+def _stop_children(timeout: float = 5.0) -> None:
+    """Stop the processes this one started (Flower's SuperExec) and wait until they are gone.
+
+    The SuperExec that the SuperNode starts outlives a SuperNode refused by the SuperLink
+    for a while, logging "Connection attempt failed, retrying" into the same terminal; the
+    refusal's ``error:`` line must be the last one the operator sees.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return
+    children = []
+    for entry in proc.iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid():
+            children.append(int(entry.name))
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in children:
+        while not _reaped(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not _reaped(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _reaped(pid: int) -> bool:
+    """Whether the child ``pid`` has exited (reaping it if it just did)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return True
 
 
 def _wait_for_superlink(address: str, root_certificates: Path | None) -> None:

@@ -76,10 +76,12 @@ def resume(
             f"`python -m server start --home {home}` first"
         )
         raise typer.Exit(1)
-    for line in reconcile_runs(coordinator.home, superlink_alive=True):
+    for line in reconcile_runs(coordinator.home, superlink_alive=True, actor=actor_here()):
         console.print(f"marked {line}", soft_wrap=True)
     try:
         chosen = run_id or latest_unfinished_run(coordinator.home)
+        if not chosen.isdigit():
+            raise ConfigError(f"RUN_ID {chosen!r}: expected a Flower run id (digits)")
         files = RunFiles(coordinator.home, chosen)
         status = read_status(files.status_path)
         if status is None:
@@ -92,10 +94,11 @@ def resume(
         overrides = {
             "tracking-uri": coordinator.addresses().tracking_uri,
             "run-dir": str(coordinator.home),
-            "resume-run": int(chosen),
+            # A string: run ids are unsigned 64-bit, Flower's run-config integers signed.
+            "resume-run": chosen,
         }
         flower_run_id = submit(coordinator, overrides, staging_parent=coordinator.home / "staging")
-    except (SicfedError, ValueError) as error:
+    except SicfedError as error:
         console.print(f"[red]error:[/] {error}", soft_wrap=True)
         raise typer.Exit(1) from None
     rounds = status.get("rounds", "?")
@@ -115,7 +118,6 @@ def resume(
         coordinator,
         flower_run_id,
         run_dir=coordinator.home,
-        audit=audit,
         timeout=timeout,
-        log_run_id=int(chosen),
+        log_run_id=chosen,
     )

@@ -61,9 +61,13 @@ def run(
     its checkpoints under HOME/checkpoints/<run id>/ (the run config's run-dir is HOME), and
     logs to the coordinator's MLflow server (parent run fed-<run id>, one child run per
     site). Every key and value of --set is checked before anything is submitted. If the
-    SuperLink or the ServerApp dies, this exits 1 within 30 s with the cause and the
-    ServerApp's error (from `flwr log`), and marks the run failed in
-    HOME/runs/<run id>/status.json and MLflow.
+    SuperLink or the ServerApp dies, this exits 1 with the cause and the ServerApp's error
+    (from `flwr log`) and marks the run failed in HOME/runs/<run id>/status.json, the audit
+    log and MLflow: a dead SuperLink is noticed at the next 1 s check, a dead ServerApp when
+    its heartbeat is 20 s old, and closing the MLflow runs takes at most 10 s (a dead MLflow
+    server leaves them for the next `server start`). A round in which fewer than min-sites
+    sites took part ends the run with no_sites or too_few_sites and each missing site's
+    reason (exit 1).
 
     Examples
     --------
@@ -88,7 +92,7 @@ def run(
     audit.append(AuditEvent.RUN_SUBMITTED, actor=actor_here(), details={"overrides": overrides})
     if not follow:
         return
-    follow_to_the_end(coordinator, run_id, run_dir=run_dir, audit=audit, timeout=timeout)
+    follow_to_the_end(coordinator, run_id, run_dir=run_dir, timeout=timeout)
 
 
 def follow_to_the_end(
@@ -96,9 +100,8 @@ def follow_to_the_end(
     run_id: int,
     *,
     run_dir: Path,
-    audit: AuditLog,
     timeout: float,
-    log_run_id: int | None = None,
+    log_run_id: int | str | None = None,
 ) -> None:
     """Stream a run's rounds; exit non-zero with a one-line cause unless it completes.
 
@@ -125,10 +128,9 @@ def follow_to_the_end(
             log_run_id=log_run_id,
         )
     except RunLostError as error:
-        mark_run_ended(files, "failed", f"run_lost: {error}")
-        audit.append(
-            AuditEvent.RUN_FAILED, actor=actor_here(), details={"reason": f"run_lost: {error}"}
-        )
+        # Closing the MLflow runs is bounded (MLflow may have died too): the cause comes
+        # out within seconds whatever else is gone.
+        mark_run_ended(files, "failed", f"run_lost: {error}", actor=actor_here())
         _print_server_app_error(coordinator, run_id)
         console.print(Text(f"error: run {run_id} lost: {error}", style="red"), soft_wrap=True)
         raise typer.Exit(1) from None
@@ -137,8 +139,7 @@ def follow_to_the_end(
         console.print(f"stopping run {run_id} ({cause})", soft_wrap=True)
         with contextlib.suppress(SicfedError):
             stop_run(run_id, coordinator.flwr_home)
-        mark_run_ended(files, "killed", f"stopped by server run: {cause}")
-        audit.append(AuditEvent.RUN_STOPPED, actor=actor_here(), details={"reason": cause})
+        mark_run_ended(files, "killed", f"stopped by server run: {cause}", actor=actor_here())
         raise typer.Exit(1) from None
     console.print(round_table(outcome.rounds, title=f"run {run_id}: {outcome.status}"))
     if outcome.status == "completed":
@@ -147,12 +148,17 @@ def follow_to_the_end(
     reason = str(status.get("reason", ""))
     if not status:
         reason = "serverapp_failed: the ServerApp stopped before its first round"
-        mark_run_ended(files, "failed", reason)
+        mark_run_ended(files, "failed", reason, actor=actor_here())
     elif status.get("status") != "failed":  # the ServerApp died before it could record it
         reason = "serverapp_died: Flower ended the run but the ServerApp recorded no outcome"
-        mark_run_ended(files, "failed", reason)
+        mark_run_ended(files, "failed", reason, actor=actor_here())
     exception = _print_server_app_error(coordinator, run_id)
-    cause = f"{reason or 'unknown'}" + (f" ({exception})" if exception else "")
+    # The ServerApp's own account (e.g. which sites were missing and why) says more than
+    # the exception line that repeats it.
+    detail = str(status.get("detail", ""))
+    cause = f"{reason or 'unknown'}" + (
+        f": {detail}" if detail else f" ({exception})" if exception else ""
+    )
     console.print(Text(f"error: run {run_id} failed: {cause}", style="red"), soft_wrap=True)
     raise typer.Exit(1)
 
@@ -161,8 +167,11 @@ def _print_server_app_error(coordinator: Coordinator, run_id: int) -> str | None
     """Print the failing part of the ServerApp's log (``flwr log``, else the SuperLink log).
 
     Returns the exception that ended it (``SomeError: message``), if the log names one.
+    A dead SuperLink is not asked (``flwr log`` would only time out).
     """
     try:
+        if not coordinator.superlink_alive():
+            raise SicfedError("the SuperLink is not running")
         text = server_app_log(run_id, coordinator.flwr_home)
         source = f"flwr log {run_id}"
     except SicfedError:

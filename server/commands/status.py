@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from server.audit import actor_here
 from server.commands.start import DEFAULT_HOME
 from server.coordinator import Coordinator
 from server.flower_cli import connected_nodes, list_runs
@@ -37,7 +38,7 @@ def status(
 
     A site that missed a heartbeat shows as lost (within 2 heartbeat periods, ~1 min, of
     its death). Runs that died without recording it (a crashed SuperLink or ServerApp)
-    are marked failed here, in status.json and in MLflow.
+    are marked failed here, in status.json, MLflow and the audit log (run_failed).
 
     Examples
     --------
@@ -58,7 +59,9 @@ def status(
         console.print("not started (python -m server start)")
         raise typer.Exit(1)
     superlink_alive = coordinator.superlink_alive()
-    for line in reconcile_runs(coordinator.home, superlink_alive=superlink_alive):
+    for line in reconcile_runs(
+        coordinator.home, superlink_alive=superlink_alive, actor=actor_here()
+    ):
         console.print(f"marked {line}", soft_wrap=True)
     if not superlink_alive:
         console.print(

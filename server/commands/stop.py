@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from server.audit import actor_here
 from server.commands.start import DEFAULT_HOME
 from server.coordinator import Coordinator
 from server.processes import pid_alive, stop_pid_group
@@ -31,8 +32,9 @@ def stop(
 ) -> None:
     """Stop the coordinator's SuperLink and MLflow server (and everything they started).
 
-    A run still going on is stopped with the SuperLink and marked killed (status.json and
-    its MLflow runs).
+    A run still going on is stopped with the SuperLink and marked killed (status.json, its
+    MLflow runs and run_stopped in its audit log); one that a crash had already ended is
+    marked failed (run_failed).
 
     Examples
     --------
@@ -64,6 +66,7 @@ def stop(
             for line in reconcile_runs(
                 coordinator.home,
                 superlink_alive=False,
+                actor=actor_here(),
                 stopped_by="server stop" if was_running else None,
             ):
                 console.print(line)

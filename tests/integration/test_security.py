@@ -3,8 +3,9 @@
 - The Control API does not answer on the address printed for sites: the stock ``flwr ls``,
   ``stop``, ``run`` and ``supernode register`` fail there from a fresh ``FLWR_HOME``, with and
   without the CA certificate; through the coordinator's own connection they work.
-- A site without a key, with an unregistered key, with the wrong CA or without TLS gets a
-  one-line error naming the cause, in under 30 s; a registered site joins.
+- A site without a key, with an unregistered key, with the wrong CA or without TLS stops
+  (instead of retrying forever) with one error line naming the cause, and that line is the
+  last of its output; a registered site joins.
 - A bundle with one changed line is refused at every site (warm and cold ClientApp start)
   with ``app_not_approved`` and writes nothing; the approved bundle runs.
 """
@@ -229,7 +230,7 @@ def _join(site: Path, address: str, port: int, *extra: str) -> list[str]:
     ]
 
 
-def test_a_site_without_the_right_key_or_tls_gets_a_named_error_quickly(
+def test_a_site_without_the_right_key_or_tls_stops_with_a_named_error_last(
     deployment: Deployment,
 ) -> None:
     other_ca = create_certificates(deployment.root / "other-ca", ["127.0.0.1"]).ca_cert
@@ -249,7 +250,6 @@ def test_a_site_without_the_right_key_or_tls_gets_a_named_error_quickly(
         "uses TLS but this site joined with --insecure": ["--insecure"],
     }
     logs = {expected: deployment.root / f"join-{index}.log" for index, expected in enumerate(cases)}
-    started = time.monotonic()
     processes = {
         expected: subprocess.Popen(
             _join(
@@ -269,13 +269,13 @@ def test_a_site_without_the_right_key_or_tls_gets_a_named_error_quickly(
     }
     try:
         for expected, process in processes.items():
-            process.wait(timeout=60)
-            seconds = time.monotonic() - started
+            process.wait(timeout=300)
             output = logs[expected].read_text(errors="replace")
-            assert process.returncode != 0, (expected, output)
+            assert process.returncode in (2, 3), (expected, process.returncode, output)
             error_lines = [line for line in output.splitlines() if line.startswith("error: ")]
             assert len(error_lines) == 1 and expected in error_lines[0], (expected, output)
-            assert seconds < 30, (expected, seconds)
+            # Nothing of Flower's (its retry warnings) comes after the line that says why.
+            assert output.rstrip().splitlines()[-1] == error_lines[0], (expected, output)
     finally:
         for process in processes.values():
             if process.poll() is None:

@@ -15,6 +15,7 @@ from server.audit import (
     GENESIS_HASH,
     AuditEvent,
     AuditLog,
+    _canonical,
     verify_audit_log,
 )
 from server.cli import app
@@ -71,7 +72,8 @@ def test_editing_any_line_names_that_line(tmp_path: Path, line: int, edit) -> No
     lines = path.read_text().splitlines()
     entry = json.loads(lines[line - 1])
     edit(entry)
-    lines[line - 1] = json.dumps(entry)
+    # Written back as append writes it (canonical JSON): only the content changed.
+    lines[line - 1] = _canonical(entry).decode()
     path.write_text("\n".join(lines) + "\n")
     verdict = verify_audit_log(path)
     rehashed_last_line = edit is rehash_after_edit and line == len(EVENTS)
@@ -81,6 +83,43 @@ def test_editing_any_line_names_that_line(tmp_path: Path, line: int, edit) -> No
     expected = line + 1 if edit is rehash_after_edit else line
     assert verdict.bad_line == expected
     assert verdict.entries == expected - 1
+
+
+def _spaced(line: str) -> str:
+    return line.replace('":', '": ', 1)
+
+
+def _keys_reordered(line: str) -> str:
+    return json.dumps(dict(reversed(json.loads(line).items())), separators=(",", ":"))
+
+
+def _crlf(line: str) -> str:
+    return line + "\r"
+
+
+@pytest.mark.parametrize("edit", [_spaced, _keys_reordered, _crlf])
+@pytest.mark.parametrize("line", [1, 3, len(EVENTS)])
+def test_an_edit_that_keeps_the_content_still_breaks_the_chain(
+    tmp_path: Path, line: int, edit
+) -> None:
+    """The chain covers each line's exact bytes, not only the JSON content they parse to."""
+    path = tmp_path / "audit.jsonl"
+    write_log(path)
+    lines = path.read_text().splitlines()
+    edited = edit(lines[line - 1])
+    assert json.loads(edited) == json.loads(lines[line - 1])  # the same entry, other bytes
+    lines[line - 1] = edited
+    path.write_text("\n".join(lines) + "\n")
+    verdict = verify_audit_log(path)
+    assert verdict.bad_line == line and "edited" in verdict.problem
+    assert verdict.entries == line - 1
+
+
+def test_a_last_line_without_its_newline_does_not_verify(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_log(path)
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    assert verify_audit_log(path).bad_line == len(EVENTS)
 
 
 def test_a_deleted_or_reordered_line_is_named(tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ contacted, so those tests need no store.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from unittest import mock
 
 import mlflow.pyfunc
+import mlflow.utils.environment
 import numpy as np
 import pandas as pd
 import pytest
@@ -73,39 +74,44 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run_id = client.create_run(experiment, run_name="fed-7").info.run_id
     checkpoints = [write_round_checkpoint(root / "runs", r, seed=r) for r in (1, 2)]
     images = torch.rand(5, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    versions, seconds = [], []
-    for checkpoint in checkpoints:
-        started = time.perf_counter()
-        versions.append(
-            register_global_model(
-                tracking_uri=uri,
-                run_id=run_id,
-                checkpoint_path=checkpoint,
-                model_name=NAME,
-                input_example=images[:2].numpy(),
+    versions = []
+    # MLflow infers requirements by loading the model in a fresh environment: slow, and what
+    # the explicit pins avoid. Record whether it ever tries.
+    inferred: list[tuple] = []
+    infer = mlflow.utils.environment._infer_requirements
+
+    def recording_infer(*args: object, **kwargs: object) -> list[str]:
+        inferred.append(args)
+        return infer(*args, **kwargs)
+
+    with mock.patch("mlflow.utils.environment._infer_requirements", recording_infer):
+        for checkpoint in checkpoints:
+            versions.append(
+                register_global_model(
+                    tracking_uri=uri,
+                    run_id=run_id,
+                    checkpoint_path=checkpoint,
+                    model_name=NAME,
+                    input_example=images[:2].numpy(),
+                )
             )
-        )
-        seconds.append(time.perf_counter() - started)
     aliased = client.get_model_version_by_alias(NAME, "candidate")
     # load_model resolves models:/ URIs through the global registry URI.
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        started = time.perf_counter()
         loaded = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate")
-        load_seconds = time.perf_counter() - started
     finally:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
-    print(f"registration {seconds} s, load {load_seconds:.2f} s")
     return {
         "client": client,
         "uri": uri,
         "run_id": run_id,
         "checkpoints": checkpoints,
         "versions": versions,
-        "seconds": seconds,
+        "inferred": inferred,
         "aliased": aliased,
         "loaded": loaded,
         "images": images,
@@ -133,9 +139,10 @@ def test_second_registration_moves_the_alias(registry: dict) -> None:
 
 
 @pytest.mark.slow
-def test_registration_is_quick(registry: dict) -> None:
-    # Explicit pip requirements: no requirement inference, no environment creation.
-    assert max(registry["seconds"]) < 15, registry["seconds"]
+def test_registration_infers_no_requirements(registry: dict) -> None:
+    # Explicit pip requirements: MLflow never loads the model in a new environment to
+    # infer them (what made a registration take minutes).
+    assert registry["inferred"] == []
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ from tests.server.fedkit import FakeGrid, server_identity, write_site
 from tests.server.test_federation import run_config_defaults
 
 runner = CliRunner()
-RUN_ID = 7
+#: Flower run ids are unsigned 64-bit: this one does not fit a run-config integer.
+RUN_ID = 15147595930455189831
 RESUMED_RUN_ID = 8
 ROUNDS = 2
 
@@ -89,7 +90,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunFiles, RunFiles]:
     # `server resume` submits only these keys; a new Flower run with fresh site contexts.
     resumed = {
         **run_config_defaults(),
-        "resume-run": RUN_ID,
+        "resume-run": str(RUN_ID),
         "run-dir": str(root / "crashed"),
     }
     _main(FakeGrid(client_app, nodes, run_id=RESUMED_RUN_ID), RESUMED_RUN_ID, resumed)
@@ -144,10 +145,30 @@ def test_resume_needs_a_complete_round(tmp_path: Path) -> None:
         find_resume_point(files)
 
 
-def test_resume_run_is_a_run_config_key() -> None:
-    assert RunSettings.from_run_config({"resume-run": 4}).resume_run == 4
-    with pytest.raises(ConfigError, match="resume-run"):
-        RunSettings.from_run_config({"resume-run": -1})
+def test_resume_run_holds_every_unsigned_64_bit_run_id() -> None:
+    assert RunSettings.from_run_config({}).resume_run == ""  # a new run
+    largest = str(2**64 - 1)
+    assert RunSettings.from_run_config({"resume-run": largest}).resume_run == largest
+    assert RunSettings.from_run_config({"resume-run": 4}).resume_run == "4"  # --set resume-run=4
+    for bad in (-1, "-1", "12a", "../7"):
+        with pytest.raises(ConfigError, match="resume-run"):
+            RunSettings.from_run_config({"resume-run": bad})
+
+
+def test_resume_sends_the_run_id_as_a_string_that_flower_accepts(tmp_path: Path) -> None:
+    """Flower's run-config integers are signed 64-bit: the id travels as a TOML string."""
+    from flwr.common.config import parse_config_args
+    from flwr.common.serde import user_config_from_proto, user_config_to_proto
+
+    from server.flower_cli import format_run_config
+
+    with pytest.raises(ValueError, match="out of range"):  # why it cannot be an integer
+        user_config_to_proto({"resume-run": RUN_ID})
+    text = format_run_config({"resume-run": str(RUN_ID)})
+    assert text == f'resume-run="{RUN_ID}"'
+    parsed = parse_config_args([text])
+    received = user_config_from_proto(user_config_to_proto(parsed))  # as the ServerApp gets it
+    assert RunSettings.from_run_config(received).resume_run == str(RUN_ID)
 
 
 def _superlink_running(home: Path, group: ProcessGroup) -> None:
