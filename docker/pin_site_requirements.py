@@ -55,14 +55,18 @@ def site_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     declared = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     pending = [Requirement(text) for text in declared]
     pinned: dict[str, str] = {}
+    # A package is walked again for every new set of extras asked of it (flwr needs
+    # sqlalchemy[asyncio] after alembic asked for plain sqlalchemy).
+    walked: set[tuple[str, frozenset[str]]] = set()
     while pending:
         requirement = pending.pop()
         name = canonicalize_name(requirement.name)
-        if name in pinned or name.startswith(CUDA_RUNTIME_PREFIXES):
+        extras = frozenset(requirement.extras)
+        if (name, extras) in walked or name.startswith(CUDA_RUNTIME_PREFIXES):
             continue
+        walked.add((name, extras))
         distribution = metadata.distribution(name)
         pinned[name] = distribution.version.split("+")[0]
-        extras = frozenset(requirement.extras)
         pending += [
             dependency
             for dependency in map(Requirement, distribution.requires or [])

@@ -52,7 +52,7 @@ ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/build/bin:$PATH
 RUN python3 -m venv /opt/build
 WORKDIR /src
-RUN pip install hatchling==1.33.0 trove-classifiers==2026.9.21.13 packaging==25.0 \
+RUN pip install hatchling==1.33.0 trove-classifiers==2026.9.21.13 packaging==25.0 tomlkit==0.15.3 \
         pathspec==1.1.1 pluggy==1.7.0
 COPY pyproject.toml README.md ./
 COPY sic_core sic_core
