@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sicfed-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench lint format clean image
+.PHONY: install test demo bench docs lint format clean image
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# The documentation site, docs/ -> site/ (reference pages are generated from the code).
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -5,6 +5,7 @@ Examples
     python -m bench                      # CPU, writes bench/results/cpu.json
     python -m bench --device cuda        # GPU, writes bench/results/gpu.json
     python -m bench --only training      # one section
+    python -m bench --only cli           # seconds of `python -m server --help` and client's
     python -m bench --only scale         # 10/30/100 simulated sites (minutes; needs the
                                          # [simulation] extra); appends results/scale.json
     python -m bench --only learning      # SIC vs a plain CNN on every preset, 64 and 128 px,
@@ -33,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("training", "dp", "data", "round", "explain")
+SECTIONS = ("training", "dp", "data", "round", "explain", "cli")
 #: Sections run only when named with --only (too slow for `make bench`, or an extra needed);
 #: each appends its record to results/<name>.json.
 OPTIONAL_SECTIONS = ("scale", "learning")

@@ -1,8 +1,9 @@
 """The hospital-side command line, ``python -m client``.
 
 Each command lives in its own module under ``client.commands`` and is registered below in
-one line; command modules import heavy libraries (torch, MONAI) inside the command, so that
-``--help`` stays fast.
+one line; command modules import heavy libraries (torch, MONAI, flwr) inside the command, so
+that ``--help`` stays fast. The examples live in the top-level help (:func:`_main`'s
+docstring); the option names both CLIs share are listed in :mod:`sic_core.cli_vocabulary`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ __all__ = ["app"]
 
 app = typer.Typer(
     name="client",
-    help="Hospital-side tools of sicfed: check a site's data, generate synthetic sites.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
@@ -33,7 +33,30 @@ def _main(
         False, "--verbose", "-v", help="Log debug detail (may show local file names)."
     ),
 ) -> None:
-    """Hospital-side tools of sicfed: check a site's data, generate synthetic sites."""
+    """Hospital-side tools of sicfed: check a site's data, make its key, approve the
+    coordinator's app, join a federation, and audit what it trained and spent.
+
+    Every command but synth and keygen takes --site, the site's YAML config.
+
+    [bold]Examples[/bold]
+
+      python -m client check --site site.yaml
+
+      python -m client keygen --out keys --comment site_a
+
+      python -m client approve --site site.yaml --app-hash sha256:3f2a...
+
+      python -m client join --site site.yaml --superlink coordinator.example:8000
+      --root-certificates ca.crt --auth-key keys/site_ecdsa
+
+      python -m client privacy --site site.yaml
+
+      python -m client sanity --site site.yaml
+
+      python -m client synth --out synth --size 64   # synthetic sites for a demo
+
+      python -m client pretrain --site public/synth/site_a/site.yaml --out public
+    """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",

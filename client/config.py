@@ -64,7 +64,7 @@ class _Section(BaseModel):
 
 
 class DataFormat(StrEnum):
-    """How a site stores its images (see DATA.md)."""
+    """How a site stores its images."""
 
     DICOM = "dicom"
     MEDMNIST = "medmnist"
@@ -74,7 +74,10 @@ class DataFormat(StrEnum):
 class DataConfig(_Section):
     """Where the site's images are and how to read them."""
 
-    format: DataFormat
+    format: DataFormat = Field(
+        description="how the images are stored: a DICOM folder with labels.csv, a MedMNIST "
+        ".npz, or a folder per class"
+    )
     labels_csv: SitePath | None = Field(
         None, description="dicom: CSV with file, label, patient_id[, split, mask, ...]"
     )
@@ -83,8 +86,12 @@ class DataConfig(_Section):
     )
     npz: SitePath | None = Field(None, description="medmnist: the .npz file")
     class_names: list[str] = Field(min_length=2, description="label map: index = label")
-    image_size: int = Field(128, ge=16, le=1024)
-    keep_colour: bool = False
+    image_size: int = Field(
+        128, ge=16, le=1024, description="side in pixels every image is resized to (square)"
+    )
+    keep_colour: bool = Field(
+        False, description="keep RGB channels (false: convert to one grey channel)"
+    )
     allowed_modalities: list[str] | None = Field(
         None, description="DICOM Modality values accepted (e.g. [CR, DX]); null = any"
     )
@@ -173,14 +180,18 @@ class DataConfig(_Section):
 class PreprocessingConfig(_Section):
     """Intensity scaling and training augmentation (applied per batch, never cached)."""
 
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    augment: bool = True
+    percentiles: tuple[float, float] = Field(
+        (0.5, 99.5), description="intensity percentiles mapped to 0 and 1 (then clipped)"
+    )
+    augment: bool = Field(True, description="random training augmentation per batch")
     augment_probability: float = Field(0.8, ge=0, le=1, description="chance per transform")
-    rotate_degrees: float = Field(10.0, ge=0, le=180)
+    rotate_degrees: float = Field(10.0, ge=0, le=180, description="largest random rotation")
     translate_fraction: float = Field(0.05, ge=0, le=0.5, description="of the image side")
-    scale_fraction: float = Field(0.1, ge=0, lt=1)
+    scale_fraction: float = Field(0.1, ge=0, lt=1, description="largest random zoom, ±")
     noise_std: float = Field(0.02, ge=0, le=1, description="Gaussian noise, [0, 1] units")
-    contrast_gamma: tuple[float, float] = (0.8, 1.25)
+    contrast_gamma: tuple[float, float] = Field(
+        (0.8, 1.25), description="range of the random gamma (contrast) adjustment"
+    )
 
     @field_validator("percentiles")
     @classmethod
@@ -202,11 +213,11 @@ class PreprocessingConfig(_Section):
 class TrainingConfig(_Section):
     """Per-site overrides of the federation's training settings."""
 
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="images per local training step")
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy for this site (sample-level DP-SGD; see ARCHITECTURE.md).
+    """Differential privacy for this site (sample-level DP-SGD and a noised support release).
 
     The noise of local DP-SGD is set in one of two ways (giving both is an error):
 
@@ -232,16 +243,24 @@ class PrivacyConfig(_Section):
     is 3.3 after one round, 4.1 after two, 5.5 after four and 6.6 after six.
     """
 
-    enabled: bool = False
-    target_delta: float = Field(1e-5, gt=0, lt=1)
-    max_epsilon: float = Field(8.0, gt=0)
-    noise_multiplier: float = Field(1.0, ge=0)
+    enabled: bool = Field(False, description="train with DP-SGD and release supports with noise")
+    target_delta: float = Field(1e-5, gt=0, lt=1, description="δ at which ε is accounted")
+    max_epsilon: float = Field(
+        8.0, gt=0, description="lifetime budget: a round that would pass it is refused"
+    )
+    noise_multiplier: float = Field(
+        1.0, ge=0, description="DP-SGD noise σ, the same every round (or epsilon_per_round)"
+    )
     epsilon_per_round: float | None = Field(
         None, gt=0, description="ε one round may cost; sets the DP-SGD noise each round"
     )
-    max_grad_norm: float = Field(1.0, gt=0)
-    support_noise_multiplier: float = Field(10.0, ge=0)
-    support_clip_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm")
+    support_noise_multiplier: float = Field(
+        10.0, ge=0, description="noise σ of the support release, in units of its clip norm"
+    )
+    support_clip_norm: float = Field(
+        1.0, gt=0, description="each embedding is clipped to this norm before release"
+    )
 
     @model_validator(mode="after")
     def _one_way_to_set_the_noise(self) -> PrivacyConfig:
@@ -264,8 +283,12 @@ class PrivacyConfig(_Section):
 class ReportingConfig(_Section):
     """What the site's report may contain when it leaves the site."""
 
-    share_example_images: bool = False
-    audit_set_size: int = Field(64, ge=1)
+    share_example_images: bool = Field(
+        False, description="let the report that leaves the site carry images (false: redacted)"
+    )
+    audit_set_size: int = Field(
+        64, ge=1, description="validation cases explained and measured every round"
+    )
 
 
 class FederationConfig(_Section):
@@ -292,7 +315,7 @@ class SiteConfig(_Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
         description="site pseudonym, e.g. site_a (no spaces; it appears in reports)",
     )
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seeds the site's splits, sampling and audit set")
     state_dir: SitePath = Field(description="cache, quarantine report and privacy ledger")
     data: DataConfig
     preprocessing: PreprocessingConfig = PreprocessingConfig()

@@ -13,12 +13,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sic_core.cli_vocabulary import SITE_PRIVATE_KEY_FILE, SITE_PUBLIC_KEY_FILE
 from sic_core.errors import ConfigError
 
-__all__ = ["PRIVATE_KEY_NAME", "PUBLIC_KEY_NAME", "generate_site_keys"]
-
-PRIVATE_KEY_NAME = "site_ecdsa"
-PUBLIC_KEY_NAME = "site_ecdsa.pub"
+__all__ = ["generate_site_keys"]
 
 
 def generate_site_keys(folder: Path, *, comment: str = "sicfed-site") -> tuple[Path, Path]:
@@ -42,7 +40,7 @@ def generate_site_keys(folder: Path, *, comment: str = "sicfed-site") -> tuple[P
         If a key already exists there: a site's key is its identity; replacing it by
         accident would lock the site out until the coordinator registers the new one.
     """
-    private_path, public_path = folder / PRIVATE_KEY_NAME, folder / PUBLIC_KEY_NAME
+    private_path, public_path = folder / SITE_PRIVATE_KEY_FILE, folder / SITE_PUBLIC_KEY_FILE
     for path in (private_path, public_path):
         if path.exists():
             raise ConfigError(f"{path} already exists; remove it first to make a new key")

@@ -15,6 +15,11 @@ engine=${ENGINE:-$(command -v podman >/dev/null 2>&1 && echo podman || echo dock
 rootfs=$(mktemp -d)
 trap 'rm -rf "$rootfs"' EXIT
 debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" "$mirror" >&2
-# Package caches are not part of an image.
+# Package caches are not part of an image, nor is the build host's network setup, which
+# debootstrap copied: the engine mounts each container's own over these empty files (and
+# then has nothing to create in the read-only image).
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+for file in hosts hostname resolv.conf; do
+  : >"$rootfs/etc/$file"
+done
 tar -C "$rootfs" -c . | "$engine" import --change 'CMD ["/bin/bash"]' - "$tag"

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from flwr.cli.build import build_fab_from_disk
-
 from server.staging import stage_app
 
 __all__ = ["app_bundle_hash", "bundle_hash"]
@@ -19,6 +17,8 @@ __all__ = ["app_bundle_hash", "bundle_hash"]
 
 def bundle_hash(app_dir: Path) -> str:
     """``sha256:<hex>`` of the bundle ``flwr run`` builds from ``app_dir``."""
+    from flwr.cli.build import build_fab_from_disk  # flwr: only when a bundle is hashed
+
     return f"sha256:{hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()}"
 
 

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
 
 __all__ = [
     "ENTRY_KEYS",

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sic_core.atomic import atomic_write
 from sic_core.errors import ConfigError
@@ -95,6 +94,8 @@ class RunFiles:
         ``state`` may hold only tensors and plain Python values: the file must load with
         ``torch.load(weights_only=True)``.
         """
+        import torch  # here, not at import: the coordinator CLI reads run files without it
+
         buffer = io.BytesIO()
         torch.save({"format": ROUND_CHECKPOINT_FORMAT, "round": server_round, **state}, buffer)
         path = self.checkpoint_path(server_round)
@@ -123,6 +124,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         sicfed before checkpoints held only tensors and plain values) or is not a round
         checkpoint.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"round checkpoint: file {path} does not exist")
@@ -140,6 +143,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def capture_rng_state() -> dict[str, Any]:
     """The Python, numpy and torch global RNG states, as tensors and plain values."""
+    import torch
+
     name, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
     return {
         "python": random.getstate(),
@@ -150,6 +155,8 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Set the global RNGs to a state from :func:`capture_rng_state`."""
+    import torch
+
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     name, keys, position, has_gauss, gauss = state["numpy"]

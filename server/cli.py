@@ -1,33 +1,8 @@
-"""The coordinator CLI: ``python -m server start | run | resume | status | stop | ...``.
+"""The coordinator CLI, ``python -m server``: one module per command under ``server.commands``.
 
-Examples
---------
-Run the whole synthetic federation on this machine::
-
-    python -m server demo --sites 3 --rounds 3
-
-Operate a deployment::
-
-    python -m server certs --home /srv/sicfed --san coordinator.example
-    python -m server start --home /srv/sicfed --host 0.0.0.0
-    python -m server register-site --home /srv/sicfed --name site_a --public-key a.pub
-    python -m server app-hash
-    python -m server run --home /srv/sicfed --set rounds=10 --set strategy=fedprox
-    python -m server status --home /srv/sicfed
-    python -m server stop --home /srv/sicfed
-
-After a crash: restart the SuperLink (MLflow is reused) and continue the run::
-
-    python -m server start --home /srv/sicfed --host 0.0.0.0
-    python -m server resume --home /srv/sicfed
-
-Rebuild a run's per-site reports and federation summary from MLflow::
-
-    python -m server report /srv/sicfed/runs/4242
-
-Check a run's hash-chained audit log::
-
-    python -m server audit verify /srv/sicfed/runs/4242
+The examples live in the top-level help (:func:`_main`'s docstring); the option names both
+CLIs share are listed in :mod:`sic_core.cli_vocabulary`. Command modules import torch, flwr
+and MLflow inside the commands that need them, so that ``--help`` answers without them.
 """
 
 from __future__ import annotations
@@ -46,12 +21,36 @@ from server.commands.start import start
 from server.commands.status import status
 from server.commands.stop import stop
 
-app = typer.Typer(
-    name="server",
-    help="sicfed coordinator: SuperLink, MLflow tracking and federation runs.",
-    no_args_is_help=True,
-    add_completion=False,
-)
+__all__ = ["app"]
+
+app = typer.Typer(name="server", no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def _main() -> None:
+    """sicfed coordinator: the SuperLink, MLflow tracking and federation runs.
+
+    Every command works in one coordinator folder, --home (default runs/coordinator): a
+    run writes HOME/runs/<run id>/ (rounds, status, audit log, reports) and
+    HOME/checkpoints/<run id>/.
+
+    Examples
+    --------
+    python -m server demo --num-sites 3 --rounds 3 --home demo-out   # all on this machine
+
+    python -m server certs --home /srv/sicfed --san coordinator.example
+    python -m server start --home /srv/sicfed --host 0.0.0.0
+    python -m server register-site --home /srv/sicfed --name site_a --public-key site_ecdsa.pub
+    python -m server app-hash
+    python -m server run --home /srv/sicfed --set rounds=10 --set strategy=fedprox
+    python -m server status --home /srv/sicfed
+    python -m server resume --home /srv/sicfed   # after a crash and a new start
+    python -m server report --home /srv/sicfed 4242
+    python -m server audit verify --home /srv/sicfed 4242
+    python -m server stop --home /srv/sicfed
+    """
+
+
 app.command("certs")(certs)
 app.command("start")(start)
 app.command("register-site")(register_site)

@@ -272,7 +272,7 @@ def start_site(
         str(site_yaml),
         "--superlink",
         superlink,
-        "--port",
+        "--local-port",
         str(port),
         "--poll-interval",
         str(poll_interval),

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sic_core.cli_vocabulary import POLL_INTERVAL_SECONDS
 from sic_core.errors import ConfigError
 from sic_core.wire import ConfigKey
 
@@ -69,10 +70,15 @@ class RunSettings(BaseModel):
         Clip every accepted update to this many times the running (lower) median norm of
         the updates of the last rounds (:mod:`server.update_bound`; 0 disables; off under
         ``central_dp``, whose sites clip their updates themselves).
-    round_timeout, node_wait, poll_interval
-        Seconds to wait for replies per phase, for enough sites, and between polls.
+    round_timeout, node_wait
+        Seconds to wait for replies per phase, and for enough sites.
+    poll_interval
+        Seconds between the ServerApp's requests for the sites' replies (default
+        :data:`sic_core.cli_vocabulary.POLL_INTERVAL_SECONDS`, as the sites' own polling).
     run_dir
-        Where checkpoints and the round log go (relative: to the SuperLink's folder).
+        The folder of ``runs/<run id>/`` (round log, status, audit log, reports) and
+        ``checkpoints/<run id>/`` (relative: to the SuperLink's folder); ``python -m server
+        run`` sets it to the coordinator's ``--home``.
     tracking_uri, study
         MLflow tracking server (empty: no tracking) and the study (experiment
         ``sicfed/<study>``).
@@ -81,7 +87,9 @@ class RunSettings(BaseModel):
         ``python -m server resume`` (:mod:`server.resume`).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    # No populate_by_name: a field name (local_epochs) is not a run-config key, and Flower
+    # would refuse it only later, as "Invalid run configuration".
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     rounds: int = Field(4, ge=1)
     local_epochs: int = Field(2, ge=1, alias="local-epochs")
@@ -111,7 +119,7 @@ class RunSettings(BaseModel):
     update_clip_factor: float = Field(3.0, ge=0, alias="update-clip-factor")
     round_timeout: float = Field(900.0, gt=0, alias="round-timeout")
     node_wait: float = Field(120.0, gt=0, alias="node-wait")
-    poll_interval: float = Field(0.2, gt=0, le=10, alias="poll-interval")
+    poll_interval: float = Field(POLL_INTERVAL_SECONDS, gt=0, le=10, alias="poll-interval")
     run_dir: str = Field("runs", alias="run-dir")
     tracking_uri: str = Field("", alias="tracking-uri")
     study: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -125,6 +133,20 @@ class RunSettings(BaseModel):
         known = list_encoders()
         if value not in known:
             raise ValueError(f"unknown encoder {value!r} (choose from {', '.join(known)})")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from server.strategy import STRATEGIES  # torch and flwr: only when a run names one
+
+        if value.lower() not in STRATEGIES:
+            hint = difflib.get_close_matches(value.lower(), list(STRATEGIES), n=1)
+            raise ValueError(
+                f"unknown strategy {value!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" (choose from {', '.join(STRATEGIES)})"
+            )
         return value
 
     @classmethod
@@ -147,7 +169,8 @@ class RunSettings(BaseModel):
                 message = item["msg"].removeprefix("Value error, ")
                 if item["type"] == "extra_forbidden":
                     unknown = True
-                    hint = difflib.get_close_matches(key, valid, n=1)
+                    kebab = key.replace("_", "-")
+                    hint = [kebab] if kebab in valid else difflib.get_close_matches(key, valid, n=1)
                     message = "unknown run-config key" + (
                         f"; did you mean {hint[0]!r}?" if hint else ""
                     )

@@ -6,7 +6,7 @@ images, and ``python -m server report`` re-renders from the stored JSON. Renderi
 standard library only: charts are inline SVG, images are ``data:image/png`` URIs already in
 the JSON, and no JavaScript is used, so the file opens anywhere, offline.
 
-Sections follow METRICS.md: 1 provenance, 2 intended use, 3 data sheet, 4 performance,
+Sections: 1 provenance, 2 intended use, 3 data sheet, 4 performance,
 5 explanation-quality dashboard, 6 how to read an explanation, 7 case gallery, 8 support set,
 9 sanity and shortcut checks, 10 what left the site, 11 findings and sign-off.
 """
@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sic_core.wire import XaiMetric
+from sic_core.metric_catalog import METRICS, MetricDefinition, metric_anchor, metric_definition
 
 __all__ = [
     "PIXEL_SECTIONS",
@@ -31,22 +31,18 @@ __all__ = [
     "render_report_html",
 ]
 
-#: Dashboard thresholds (also logged as MLflow params ``xai_threshold/<metric>``): a value
-#: above its threshold is flagged, except localisation lift, flagged below it.
+#: Dashboard thresholds (also logged as MLflow params ``xai_threshold/<metric>``), read from
+#: the metric catalog: a value above its threshold is marked, except where the catalog says
+#: ``flagged_when="below"`` (localisation lift).
 XAI_THRESHOLDS: dict[str, float] = {
-    str(XaiMetric.COMPLETENESS): 1e-4,
-    str(XaiMetric.ARTIFACT_MASS_LIFT): 2.0,
-    str(XaiMetric.RMA_LIFT): 1.0,
+    m.key: m.threshold for m in METRICS if m.threshold is not None and m.key.startswith("xai/")
 }
-_FLAGGED_BELOW = frozenset({str(XaiMetric.RMA_LIFT)})
 
 
 def crosses_threshold(key: str, value: float) -> bool:
     """Whether ``value`` of metric ``key`` crosses its dashboard threshold (``nan``: no)."""
-    threshold = XAI_THRESHOLDS.get(key)
-    if threshold is None or not math.isfinite(value):
-        return False
-    return value < threshold if key in _FLAGGED_BELOW else value > threshold
+    definition = metric_definition(key)
+    return definition is not None and definition.crosses(value)
 
 
 REPORT_SECTIONS = (
@@ -82,6 +78,8 @@ align-items:start;border:1px solid #dde3ee;padding:.6em;margin:.6em 0}
 figure{margin:0;text-align:center;font-size:.85em}
 .note{background:#f7f9fc;border-left:4px solid #6b8cce;padding:.5em 1em}
 .scroll{overflow-x:auto;max-width:100%}body.wide{max-width:none}
+code.key{font-size:.8em;color:#66708a}dl.reference dt{font-weight:600;margin-top:.6em}
+dl.reference dd{margin:.2em 0 0 1.2em}
 .summary th{font-size:.8em;vertical-align:bottom}.summary td{white-space:nowrap;padding:.2em .4em;
 font-size:.9em}.summary .flag{white-space:normal}
 """
@@ -271,15 +269,71 @@ def _section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{_escape(title)}</h2>{body}</section>'
 
 
+def _metric_cell(key: str) -> str:
+    """A metric's plain-language name over its key, linked to its reference entry below."""
+    definition = metric_definition(key)
+    if definition is None:
+        return f"<code>{_escape(key)}</code>"
+    return (
+        f'<a href="#ref-{metric_anchor(key)}">{_escape(definition.name_for(key))}</a>'
+        f'<br><code class="key">{_escape(key)}</code>'
+    )
+
+
+def _direction_cell(key: str) -> str:
+    definition = metric_definition(key)
+    return _escape(definition.direction) if definition is not None else "-"
+
+
+def _metric_reference(keys: Iterable[str]) -> str:
+    """The catalog entries of ``keys`` (once each), as the targets of the dashboard's links."""
+    seen: dict[str, MetricDefinition] = {}
+    for key in keys:
+        definition = metric_definition(key)
+        if definition is not None:
+            seen.setdefault(definition.key, definition)
+    if not seen:
+        return ""
+    entries = []
+    for definition in seen.values():
+        rule = definition.rule()
+        flag = f" Raises <code>{_escape(definition.flag)}</code>." if definition.flag else ""
+        entries.append(
+            f'<dt id="ref-{metric_anchor(definition.key)}">{_escape(definition.name)} '
+            f"<code>{_escape(definition.key)}</code></dt><dd>{_escape(definition.meaning)}"
+            f"<br><b>Formula:</b> {_escape(definition.formula)}"
+            f"<br><b>Range:</b> {_escape(definition.value_range)}; "
+            f"{_escape(definition.direction)}."
+            + (f"<br><b>Threshold:</b> {_escape(rule)}.{flag}" if rule or flag else "")
+            + f"<br><b>If out of range:</b> {_escape(definition.action)}</dd>"
+        )
+    return (
+        '<h3 id="metric-reference">What these metrics mean</h3>'
+        '<p class="muted">The same entries as the metrics reference of the sicfed '
+        "documentation (Reference, Metrics).</p>"
+        f'<dl class="reference">{"".join(entries)}</dl>'
+    )
+
+
 def _dashboard(rows: Sequence[Mapping[str, Any]]) -> str:
-    header = ["metric", "value", "threshold", "change", "rank among sites", "trend vs sites' band"]
+    header = [
+        "metric",
+        "direction",
+        "value",
+        "threshold",
+        "change",
+        "rank among sites",
+        "trend vs sites' band",
+    ]
     cells = []
     for row in rows:
+        key = str(row.get("key", ""))
         flagged = bool(row.get("flagged"))
         value = f'<span class="{"flag" if flagged else "ok"}">{_number(row.get("value"))}</span>'
         cells.append(
             "<tr>"
-            f"<td>{_escape(row.get('key', ''))}</td><td>{value}</td>"
+            f'<td>{_metric_cell(key)}</td><td class="muted">{_direction_cell(key)}</td>'
+            f"<td>{value}</td>"
             f"<td>{_number(row.get('threshold'))}</td><td>{_number(row.get('change'))}</td>"
             f"<td>{_number(row.get('rank'))}</td>"
             f"<td>{_line_chart(row.get('trend', []), row.get('band'), rounds=row.get('rounds'))}"
@@ -287,6 +341,21 @@ def _dashboard(rows: Sequence[Mapping[str, Any]]) -> str:
         )
     head = "".join(f"<th>{h}</th>" for h in header)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(cells)}</tbody></table>"
+
+
+def _performance_table(metrics: Sequence[Mapping[str, Any]]) -> str:
+    """This round's performance, each metric named, with its direction, CI and last round."""
+    rows = "".join(
+        f"<tr><td>{_metric_cell(str(m.get('key', '')))}</td>"
+        f'<td class="muted">{_direction_cell(str(m.get("key", "")))}</td>'
+        f"<td>{_number(m.get('value'))}</td><td>{_number(m.get('ci', '-'))}</td>"
+        f"<td>{_number(m.get('previous'))}</td></tr>"
+        for m in metrics
+    )
+    head = "".join(
+        f"<th>{h}</th>" for h in ("metric", "direction", "this round", "95% CI", "last round")
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
 def _gallery(cases: Sequence[Mapping[str, Any]]) -> str:
@@ -367,16 +436,14 @@ def render_report_html(report: Mapping[str, Any]) -> str:
             [[split, *counts] for split, counts in data_sheet.get("class_counts", {}).items()],
         )
         + _table(["quarantine reason", "files"], sorted(data_sheet.get("quarantine", {}).items())),
-        "performance": _table(
-            ["metric", "this round", "95% CI", "last round"],
-            [
-                (m["key"], m.get("value"), m.get("ci", "-"), m.get("previous"))
-                for m in performance.get("metrics", [])
-            ],
-        )
+        "performance": _performance_table(performance.get("metrics", []))
         + "<p>Reliability diagram (accuracy per confidence bin):</p>"
         + _reliability_diagram(performance.get("reliability", [])),
-        "explanation-quality": _dashboard(report.get("xai", [])),
+        "explanation-quality": _dashboard(report.get("xai", []))
+        + _metric_reference(
+            [str(m.get("key", "")) for m in report.get("xai", [])]
+            + [str(m.get("key", "")) for m in performance.get("metrics", [])]
+        ),
         "how-to-read": how_to_read,
         "case-gallery": pixel_note if redacted else _gallery(report.get("gallery", [])),
         "support-set": (pixel_note if redacted else _support_gallery(report.get("support_set", [])))
@@ -400,9 +467,17 @@ def _breakable(name: str) -> str:
     return _escape(name).replace("/", "/<wbr>").replace("_", "_<wbr>")
 
 
+def _header_title(key: str) -> str:
+    """A ``title`` attribute naming a metric column in plain words (shown on hover)."""
+    definition = metric_definition(key)
+    if definition is None:
+        return ""
+    return f' title="{_escape(definition.name_for(key))}: {_escape(definition.direction)}"'
+
+
 def _summary_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """A table of pre-rendered cells that scrolls inside the page instead of overflowing it."""
-    head = "".join(f"<th>{_breakable(h)}</th>" for h in header)
+    head = "".join(f"<th{_header_title(h)}>{_breakable(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return (
         f'<div class="scroll"><table class="summary"><thead><tr>{head}</tr></thead>'

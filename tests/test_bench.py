@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from bench.cli_bench import run as run_cli
 from bench.dp_bench import run as run_dp
 from bench.explain_bench import explanations_per_s
 from bench.training_bench import run as run_training
@@ -31,3 +32,9 @@ def test_dp_bench_reports_the_overhead_of_the_faster_mode() -> None:
 
 def test_explanations_per_second_is_measured() -> None:
     assert explanations_per_s(torch.device("cpu"), size=16, batch=2) > 0
+
+
+def test_cli_bench_times_both_helps(tmp_path) -> None:
+    figures = run_cli(tmp_path, repeats=1)
+    assert figures.keys() == {"server_help_s", "client_help_s"}
+    assert all(math.isfinite(value) and value > 0 for value in figures.values())

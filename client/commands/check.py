@@ -39,11 +39,18 @@ def check(
     """
     from client.commands.common import load_config_or_exit
     from client.data import load_site_data, read_quarantine_report
+    from client.data.readiness import missing_data_sources
     from sic_core.errors import DataError
 
     console = Console()
     config = load_config_or_exit(site, console)
     console.print(f"Site [bold]{config.name}[/bold]: {config.data.format} data, config valid")
+    # As `join` does: a wrong path is named as such, not as files that could not be read.
+    missing = missing_data_sources(config)
+    for problem in missing:
+        console.print(f"[red]cannot train:[/red] {site}: {problem}", soft_wrap=True)
+    if missing:
+        raise typer.Exit(1)
     try:
         data = load_site_data(config, progress=True, workers=workers)
     except DataError as error:

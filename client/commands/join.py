@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from client.app_approval import ALLOW_ANY, APPROVED_APPS_ENV, SITE_NAME_ENV
+from sic_core.cli_vocabulary import POLL_INTERVAL_SECONDS, deprecated_option
 
 __all__ = [
     "FLOWER_POLL_SECONDS",
@@ -316,8 +317,9 @@ def join(
     superlink: Annotated[
         str, typer.Option(help="SuperLink Fleet API address, HOST:PORT.")
     ] = "127.0.0.1:8000",
-    port: Annotated[
-        int, typer.Option(help="This SuperNode's local Runtime API port (one per site).")
+    local_port: Annotated[
+        int,
+        typer.Option(help="This SuperNode's local Runtime API port (one per site on a machine)."),
     ] = 9094,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS (loopback demos and tests only).")
@@ -352,10 +354,10 @@ def join(
         float,
         typer.Option(
             min=0.05,
-            help="Seconds between the SuperNode's requests for work (Flower's fixed 3 s "
-            "unless shortened; each request is one HTTP call to the SuperLink).",
+            help="Seconds between the SuperNode's requests for work (Flower's own is a fixed "
+            "3 s; each request is one HTTP call to the SuperLink).",
         ),
-    ] = FLOWER_POLL_SECONDS,
+    ] = POLL_INTERVAL_SECONDS,
     threads: Annotated[
         int | None,
         typer.Option(min=1, help="CPU threads of each ClientApp process (OMP_NUM_THREADS)."),
@@ -384,6 +386,10 @@ def join(
             "already imported (--cold: Flower's fresh process per message).",
         ),
     ] = True,
+    port: Annotated[
+        int | None,
+        typer.Option(hidden=True, callback=deprecated_option("--port", "--local-port")),
+    ] = None,
 ) -> None:
     """Join a federation: start this site's Flower SuperNode.
 
@@ -405,6 +411,7 @@ def join(
     from client.config import load_site_config
     from sic_core.errors import SicfedError
 
+    local_port = local_port if port is None else port
     try:
         config = load_site_config(site)
         if not insecure and root_certificates is None:
@@ -456,7 +463,7 @@ def join(
     sys.argv = supernode_argv(
         site_yaml=site,
         superlink=superlink,
-        port=port,
+        port=local_port,
         insecure=insecure,
         root_certificates=root_certificates,
         auth_key=auth_key,

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from sic_core.cli_vocabulary import WARM_START_FILE, warn_deprecated
+
 __all__ = ["pretrain"]
 
 
@@ -16,7 +18,12 @@ def pretrain(
         list[Path],
         typer.Option("--site", help="YAML config of a PUBLIC data set (repeat for several)."),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.pt).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help=f"Folder for the checkpoint (created; the file is {WARM_START_FILE})."
+        ),
+    ],
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Central training epochs (default: 30).")
     ] = None,
@@ -30,8 +37,9 @@ def pretrain(
     proj_dim: Annotated[int, typer.Option(min=1, help="As the run config.")] = 128,
     seed: Annotated[int, typer.Option(min=0, help="Initialisation and training seed.")] = 0,
 ) -> None:
-    """Train the initial global model on public images; the run config's `initial-weights`
-    then names the checkpoint.
+    """Train the initial global model on public images, into OUT/init.pt.
+
+    The run config's `initial-weights` then names that file.
 
     Only public data may go in: nothing here is differentially private, and nothing is
     recorded in a privacy ledger. SynthCXR generated with another seed than the
@@ -39,10 +47,10 @@ def pretrain(
 
     [bold]Examples[/bold]
 
-      python -m client synth --out public --size 64 --seed 1000
+      python -m client synth --out public/synth --size 64 --seed 1000
 
-      python -m client pretrain --site public/site_a/site.yaml --site public/site_c/site.yaml
-      --out public/init.pt
+      python -m client pretrain --site public/synth/site_a/site.yaml
+      --site public/synth/site_c/site.yaml --out public
     """
     from client.config import load_site_config
     from client.warm_start import PUBLIC_WARM_START_EPOCHS, public_warm_start
@@ -50,6 +58,10 @@ def pretrain(
     from sic_core.errors import ConfigError
 
     console = Console()
+    checkpoint = out / WARM_START_FILE
+    if out.suffix == ".pt":  # the old spelling named the file itself
+        warn_deprecated("--out FILE.pt", f"--out FOLDER (the file is FOLDER/{WARM_START_FILE})")
+        checkpoint = out
     try:
         configs = [load_site_config(path) for path in site]
         with console.status(f"Pretraining on {len(configs)} public site(s) ..."):
@@ -67,11 +79,11 @@ def pretrain(
     except ConfigError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
-    save_checkpoint(out, result.model, metadata=result.metadata())
+    save_checkpoint(checkpoint, result.model, metadata=result.metadata())
     console.print(
         f"Pretrained on {result.images} public images ({', '.join(result.sites)}), "
         f"{len(result.history.epochs)} epochs, final loss {result.history.final_loss:.4f}, "
-        f"{result.seconds:.0f} s: {out}"
+        f"{result.seconds:.0f} s: {checkpoint}"
     )
     if result.stalled:
         console.print(

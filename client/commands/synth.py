@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sic_core.cli_vocabulary import deprecated_option
+
 __all__ = ["synth"]
 
 
@@ -39,11 +41,15 @@ def synth(
     classes: Annotated[
         int, typer.Option(min=2, max=3, help="2: normal/nodule; 3: normal/solid/cavitary.")
     ] = 2,
-    sites: Annotated[
+    sites_config: Annotated[
         Path | None,
         typer.Option(
             help="YAML file with a `sites:` list (fields as in manifest.json) replacing A-D."
         ),
+    ] = None,
+    sites: Annotated[
+        Path | None,
+        typer.Option(hidden=True, callback=deprecated_option("--sites", "--sites-config")),
     ] = None,
 ) -> None:
     """Generate SynthCXR: three training sites (B has a shortcut marker) and a held-out site.
@@ -63,10 +69,11 @@ def synth(
     from client.synth import generate_synthcxr, load_site_specs
     from sic_core.errors import ConfigError
 
+    sites_config = sites_config if sites is None else sites
     console = Console()
     started = time.perf_counter()
     try:
-        specs = load_site_specs(sites) if sites is not None else None
+        specs = load_site_specs(sites_config) if sites_config is not None else None
         generate_synthcxr(
             out,
             preset=str(preset),

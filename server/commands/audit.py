@@ -1,4 +1,4 @@
-"""``python -m server audit verify RUN_DIR``: check a run's hash-chained audit log."""
+"""``python -m server audit verify --home HOME [RUN_ID]``: check a run's hash-chained audit log."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import typer
 from rich.console import Console
 
 from server.audit import verify_audit_log
+from server.commands.run_argument import chosen_run
+from server.commands.start import DEFAULT_HOME
+from sic_core.cli_vocabulary import warn_deprecated
+from sic_core.errors import ConfigError
 
 __all__ = ["audit_app", "verify"]
 
@@ -16,8 +20,8 @@ console = Console()
 
 audit_app = typer.Typer(
     name="audit",
-    help="The tamper-evident audit log of a run (runs/<run id>/audit.jsonl).",
-    epilog="Example: python -m server audit verify runs/coordinator/runs/4242",
+    help="The tamper-evident audit log of a run (HOME/runs/<run id>/audit.jsonl).",
+    epilog="Example: python -m server audit verify --home runs/coordinator 4242",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -25,22 +29,32 @@ audit_app = typer.Typer(
 
 @audit_app.command("verify")
 def verify(
-    run_dir: Annotated[
-        Path,
-        typer.Argument(help="The run's folder (<run-dir>/runs/<run id>) or its audit.jsonl."),
-    ],
+    run: Annotated[
+        str | None,
+        typer.Argument(metavar="RUN_ID", help="The run of HOME (default: the newest)."),
+    ] = None,
+    home: Annotated[Path, typer.Option(help="Coordinator home folder.")] = DEFAULT_HOME,
 ) -> None:
     """Check every line's hash chain; name the first line that does not verify (exit 1).
 
-    Prints the number of entries and the hash of the last one (the head): record it
-    elsewhere, since dropping lines from the end leaves a shorter chain that still verifies.
+    Reads HOME/runs/<run id>/audit.jsonl. Prints the number of entries and the hash of the
+    last one (the head): record it elsewhere, since dropping lines from the end leaves a
+    shorter chain that still verifies.
 
     Examples
     --------
-    python -m server audit verify runs/coordinator/runs/4242
-    python -m server audit verify runs/coordinator/runs/4242/audit.jsonl
+    python -m server audit verify --home runs/coordinator 4242
+    python -m server audit verify --home runs/coordinator   # the newest run
     """
-    path = run_dir if run_dir.is_file() else run_dir / "audit.jsonl"
+    try:
+        if run is not None and Path(run).is_file():  # the old `audit verify FILE`
+            warn_deprecated("audit verify FILE", "audit verify --home HOME RUN_ID")
+            path = Path(run)
+        else:
+            path = chosen_run(home, run, command="audit verify").audit_path
+    except ConfigError as error:
+        console.print(f"[red]error:[/] {error}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
     if not path.is_file():
         console.print(f"[red]error:[/] no audit log at {path}", markup=True)
         raise typer.Exit(2)

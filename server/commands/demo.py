@@ -5,17 +5,17 @@ slow), a real SuperLink (TLS with the demo's own CA, site authentication on) and
 SuperNode per site on loopback (each with a registered key, approving the demo's bundle),
 runs the federation, prints a per-round table and where the reports and the MLflow store
 are, and stops every process it started, also on Ctrl-C, SIGTERM and failure. Layout
-under ``--out``::
+under ``--home`` (a coordinator folder, as ``python -m server start`` makes)::
 
-    DIR/sites/<site>/        SynthCXR site data, site.yaml, keys/, state/ (cache, reports,
+    HOME/sites/<site>/       SynthCXR site data, site.yaml, keys/, state/ (cache, reports,
                              FLWR_HOME)
-    DIR/tls/                 the demo's throw-away CA and SuperLink certificate
-    DIR/public/              public SynthCXR (another seed) and init.pt, the public warm
+    HOME/tls/                the demo's throw-away CA and SuperLink certificate
+    HOME/public/             public SynthCXR (another seed) and init.pt, the public warm
                              start (with --dp or --public-init)
-    DIR/mlflow/mlflow.db     MLflow store; artifacts in DIR/mlflow/artifacts
-    DIR/checkpoints/<run>/   one atomic checkpoint per round
-    DIR/runs/<run>/          rounds.jsonl and status.json
-    DIR/logs/                one log per process
+    HOME/mlflow/mlflow.db    MLflow store; artifacts in HOME/mlflow/artifacts
+    HOME/checkpoints/<run>/  one atomic checkpoint per round
+    HOME/runs/<run>/         rounds.jsonl, status.json, audit.jsonl, reports/
+    HOME/logs/               one log per process
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ from server.processes import ProcessGroup, ProcessStartError, wait_http_ok
 from server.roster import Roster, key_fingerprint, read_public_key
 from server.staging import project_root
 from server.tls import create_certificates
+from sic_core.cli_vocabulary import (
+    POLL_INTERVAL_SECONDS,
+    SITE_PRIVATE_KEY_FILE,
+    SITE_PUBLIC_KEY_FILE,
+    WARM_START_FILE,
+    deprecated_option,
+)
 from sic_core.errors import SicfedError
 
 __all__ = [
@@ -135,14 +142,14 @@ def ensure_public_warm_start(
 ) -> tuple[Path, bool]:
     """Public SynthCXR (seed ``seed + PUBLIC_SEED_OFFSET``) and a checkpoint pretrained on it.
 
-    Generates ``folder/synth`` and runs ``python -m client pretrain`` on its
-    :data:`PUBLIC_SITES` into ``folder/init.pt``, unless a checkpoint made with the same
+    Generates ``folder/synth`` and runs ``python -m client pretrain --out folder`` on its
+    :data:`PUBLIC_SITES` (into ``folder/init.pt``), unless a checkpoint made with the same
     settings is there (``folder/init.json``). Returns the checkpoint and whether it was made
     now. No private image is involved: the sites' data come from another seed. ``epochs``
     ``None`` leaves the number to ``pretrain``'s default (the stamp then records ``None``:
     delete ``folder`` after changing that default).
     """
-    checkpoint, stamp = folder / "init.pt", folder / "init.json"
+    checkpoint, stamp = folder / WARM_START_FILE, folder / "init.json"
     settings = {
         "preset": preset,
         "size": size,
@@ -161,7 +168,7 @@ def ensure_public_warm_start(
         seed=seed + PUBLIC_SEED_OFFSET,
         log_path=log_path,
     )
-    argv = [sys.executable, "-m", "client", "pretrain", "--out", str(checkpoint)]
+    argv = [sys.executable, "-m", "client", "pretrain", "--out", str(folder)]
     for name in PUBLIC_SITES:
         argv += ["--site", str(folder / "synth" / name / "site.yaml")]
     argv += ["--seed", str(seed)]
@@ -213,7 +220,7 @@ def register_demo_site(coordinator: Coordinator, name: str, keys: Path) -> Path:
     Returns the site's private key. Keys are made once and reused; a key that the
     coordinator's roster already holds is not registered again.
     """
-    private, public = keys / "site_ecdsa", keys / "site_ecdsa.pub"
+    private, public = keys / SITE_PRIVATE_KEY_FILE, keys / SITE_PUBLIC_KEY_FILE
     if not private.exists():
         argv = [sys.executable, "-m", "client", "keygen", "--out", str(keys), "--comment", name]
         completed = subprocess.run(
@@ -263,14 +270,16 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 def demo(
-    sites: Annotated[
+    num_sites: Annotated[
         int, typer.Option(min=1, max=3, help="Number of sites (SynthCXR A, B, C).")
     ] = 3,
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 5,
     size: Annotated[int, typer.Option(help="Image side in pixels (64 or 128).")] = 64,
     scale: Annotated[float, typer.Option(min=0.01, help="SynthCXR size multiplier.")] = 1.0,
     preset: Annotated[str, typer.Option(help="SynthCXR preset: easy, default or hard.")] = "easy",
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-out"),
+    home: Annotated[
+        Path, typer.Option(help="The demo's coordinator folder (data, runs, MLflow, logs).")
+    ] = Path("demo-out"),
     dp: Annotated[bool, typer.Option("--dp", help="Train with DP-SGD at every site.")] = False,
     epsilon_per_round: Annotated[
         float,
@@ -293,9 +302,23 @@ def demo(
     local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
     seed: Annotated[int, typer.Option(min=0, help="Seed of data and federation.")] = 0,
     poll_interval: Annotated[
-        float, typer.Option(min=0.05, help="SuperNode polling interval, seconds.")
-    ] = 0.5,
+        float,
+        typer.Option(
+            min=0.05,
+            help="Seconds between the sites' requests for work and the ServerApp's for replies.",
+        ),
+    ] = POLL_INTERVAL_SECONDS,
     timeout: Annotated[float, typer.Option(help="Seconds before the demo gives up.")] = 1800.0,
+    out: Annotated[
+        Path | None,
+        typer.Option(hidden=True, callback=deprecated_option("--out", "--home")),
+    ] = None,
+    sites: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=3, hidden=True, callback=deprecated_option("--sites", "--num-sites")
+        ),
+    ] = None,
 ) -> None:
     """Run a synthetic multi-site federation end to end on this machine.
 
@@ -304,15 +327,20 @@ def demo(
     python -m server demo
     python -m server demo --dp            # DP-SGD, from a public warm start
     python -m server demo --public-init   # no DP, the same warm start (to compare)
-    python -m server demo --sites 2 --rounds 5 --size 128 --scale 1.0 --out /tmp/demo
+    python -m server demo --num-sites 2 --rounds 5 --size 128 --scale 1.0 --home /tmp/demo
+    python -m server report --home demo-out   # rebuild the newest run's reports from MLflow
     """
     if size not in (64, 128):
         raise typer.BadParameter("choose 64 or 128", param_hint="--size")
-    out = out.resolve()
+    home = (home if out is None else out).resolve()
+    num_sites = num_sites if sites is None else sites
+    console.print(
+        f"Demo federation of {num_sites} sites, {rounds} rounds, in {home}", soft_wrap=True
+    )
     warm = dp if public_init is None else public_init
-    coordinator = Coordinator(out)
+    coordinator = Coordinator(home)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    names = SITE_NAMES[:sites]
+    names = SITE_NAMES[:num_sites]
     try:
         with ProcessGroup() as group:
             mlflow_port = free_port(5000)
@@ -325,22 +353,24 @@ def demo(
             mlflow = group.processes[-1]
             with console.status("Generating SynthCXR (if absent) ..."):
                 generated = ensure_synthcxr(
-                    out / "sites",
+                    home / "sites",
                     preset=preset,
                     size=size,
                     scale=scale,
                     seed=seed,
                     log_path=coordinator.logs / "synth.log",
                 )
-            console.print(f"SynthCXR in {out / 'sites'} ({'generated' if generated else 'reused'})")
+            console.print(
+                f"SynthCXR in {home / 'sites'} ({'generated' if generated else 'reused'})"
+            )
             # TLS with the demo's own throw-away CA, and only registered sites may join.
             if not coordinator.tls.complete():
                 create_certificates(coordinator.tls.folder, ["127.0.0.1"], overwrite=True)
             reset_superlink_state(coordinator)
-            approved_app = app_bundle_hash(out / "staging")
+            approved_app = app_bundle_hash(home / "staging")
             for name in names:
                 configure_demo_site(
-                    out / "sites" / name / "site.yaml",
+                    home / "sites" / name / "site.yaml",
                     privacy={"epsilon_per_round": epsilon_per_round},
                     approved_app=approved_app,
                 )
@@ -348,10 +378,10 @@ def demo(
                 group, coordinator, port=free_port(8000), tls=coordinator.tls, site_auth=True
             )
             for index, name in enumerate(names):
-                auth_key = register_demo_site(coordinator, name, out / "sites" / name / "keys")
+                auth_key = register_demo_site(coordinator, name, home / "sites" / name / "keys")
                 start_site(
                     group,
-                    out / "sites" / name / "site.yaml",
+                    home / "sites" / name / "site.yaml",
                     name=name,
                     superlink=address,
                     port=free_port(9094 + index),
@@ -365,7 +395,7 @@ def demo(
             if warm:
                 with console.status("Public warm start (public SynthCXR, another seed) ..."):
                     checkpoint, made = ensure_public_warm_start(
-                        out / "public",
+                        home / "public",
                         preset=preset,
                         size=size,
                         scale=scale,
@@ -382,9 +412,11 @@ def demo(
                         "[yellow]warning:[/yellow] the public warm start never left its initial "
                         "plateau (it separates nothing); raise --public-epochs"
                     )
-            with console.status(f"Waiting for {sites} sites (they load and cache their data) ..."):
-                waited = wait_for_sites(coordinator, sites, timeout=600, group=group)
-            console.print(f"{sites} sites connected after {waited:.0f} s")
+            with console.status(
+                f"Waiting for {num_sites} sites (they load and cache their data) ..."
+            ):
+                waited = wait_for_sites(coordinator, num_sites, timeout=600, group=group)
+            console.print(f"{num_sites} sites connected after {waited:.0f} s")
             with console.status("Waiting for MLflow ..."):
                 wait_http_ok(f"{tracking_uri}/health", timeout=240, process=mlflow)
             overrides: dict[str, Any] = {
@@ -395,15 +427,15 @@ def demo(
                 # classes collapses it to equal logits.
                 "anchor-rounds": rounds,
                 "image-size": size,
-                "min-sites": sites,
+                "min-sites": num_sites,
                 "seed": seed,
                 "dp": dp,
                 "initial-weights": init_weights,
                 "tracking-uri": tracking_uri,
                 "study": "demo",
-                "poll-interval": 0.1,
+                "poll-interval": poll_interval,
             }
-            run_id = submit(coordinator, overrides, staging_parent=out / "staging")
+            run_id = submit(coordinator, overrides, staging_parent=home / "staging")
             console.print(f"Federation run {run_id} started; MLflow at {tracking_uri}")
 
             def show(entry: dict[str, Any]) -> None:
@@ -412,7 +444,7 @@ def demo(
             outcome = follow_run(
                 coordinator,
                 run_id,
-                run_dir=out,
+                run_dir=home,
                 on_round=show,
                 timeout=timeout,
                 check=group.check_alive,
@@ -427,16 +459,16 @@ def demo(
     finally:
         signal.signal(signal.SIGTERM, previous)
     console.print(round_table(outcome.rounds, title=f"Federation run {run_id}: {outcome.status}"))
-    console.print(f"site reports:      {out / 'sites'}/<site>/state/reports/round_XXX/report.html")
-    reports = out / "runs" / str(run_id) / "reports"
+    console.print(f"site reports:      {home / 'sites'}/<site>/state/reports/round_XXX/report.html")
+    reports = home / "runs" / str(run_id) / "reports"
     console.print(f"server's copies:   {reports}/round_XXX/<site>/report.html")
     console.print(f"federation summary: {reports / 'federation_summary.html'}")
-    console.print(f"checkpoints:       {out / 'checkpoints' / str(run_id)}")
+    console.print(f"checkpoints:       {home / 'checkpoints' / str(run_id)}")
     console.print(
         "MLflow UI:         "
         f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
-        f"sqlite:///{out / 'mlflow' / 'mlflow.db'} --artifacts-destination "
-        f"{out / 'mlflow' / 'artifacts'} --port 5000   (then open http://127.0.0.1:5000)"
+        f"sqlite:///{home / 'mlflow' / 'mlflow.db'} --artifacts-destination "
+        f"{home / 'mlflow' / 'artifacts'} --port 5000   (then open http://127.0.0.1:5000)"
     )
     if outcome.status != "completed":
         raise typer.Exit(1)

@@ -35,7 +35,7 @@ def register_site(
     Examples
     --------
     python -m server register-site --home runs/coordinator --name site_a \
-        --public-key site_a_ecdsa.pub
+        --public-key site_ecdsa.pub
     """
     coordinator = Coordinator(home)
     roster = Roster(coordinator.roster_file)

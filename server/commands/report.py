@@ -1,4 +1,4 @@
-"""``python -m server report RUN_DIR``: rebuild a federation's reports from MLflow alone."""
+"""``python -m server report --home HOME [RUN_ID]``: rebuild a run's reports from MLflow alone."""
 
 from __future__ import annotations
 
@@ -10,42 +10,27 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from server.checkpoint import RunFiles
+from server.commands.run_argument import chosen_run
+from server.commands.start import DEFAULT_HOME
+from sic_core.cli_vocabulary import deprecated_option, warn_deprecated
+from sic_core.errors import ConfigError
+
 __all__ = ["report"]
 
 console = Console()
 
 
-def _log_dir(run_dir: Path, run_id: str | None) -> Path:
-    """The run's log folder (``<run-dir>/runs/<run id>``) from either of the two layouts."""
-    if (run_dir / "status.json").exists():
-        return run_dir
-    runs = run_dir / "runs"
-    candidates = sorted(
-        (p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else [],
-        key=lambda p: p.stat().st_mtime,
-    )
-    if run_id is not None:
-        candidates = [p for p in candidates if p.name == run_id]
-    if not candidates:
-        wanted = f"run {run_id}" if run_id else "any run"
-        raise typer.BadParameter(
-            f"{run_dir} holds no log folder of {wanted}: expected {run_dir}/status.json or "
-            f"{run_dir}/runs/<run id>/status.json",
-            param_hint="RUN_DIR",
-        )
-    return candidates[-1]
-
-
-def _mlflow_of(log_dir: Path) -> tuple[str, str]:
+def _mlflow_of(files: RunFiles) -> tuple[str, str]:
     """(tracking URI, parent run id) recorded in the run's latest checkpoint."""
     from server.checkpoint import load_checkpoint
 
-    checkpoints = sorted((log_dir.parent.parent / "checkpoints" / log_dir.name).glob("round_*.pt"))
+    checkpoints = sorted(files.checkpoint_dir.glob("round_*.pt"))
     if not checkpoints:
         raise typer.BadParameter(
-            f"no checkpoint of run {log_dir.name} under "
-            f"{log_dir.parent.parent / 'checkpoints' / log_dir.name}: it records the MLflow run",
-            param_hint="RUN_DIR",
+            f"no checkpoint of run {files.run_id} under {files.checkpoint_dir}: it records "
+            "the MLflow run",
+            param_hint="RUN_ID",
         )
     state = load_checkpoint(checkpoints[-1])
     tracking_uri = str(state.get("run_config", {}).get("tracking-uri", ""))
@@ -54,33 +39,31 @@ def _mlflow_of(log_dir: Path) -> tuple[str, str]:
 
 
 def report(
-    run_dir: Annotated[
-        Path,
-        typer.Argument(
-            help="The run's folder (<run-dir>/runs/<run id>) or the run-dir that holds it.",
-            exists=True,
-            file_okay=False,
-        ),
-    ],
-    run_id: Annotated[
-        str | None, typer.Option(help="Run id, when RUN_DIR holds several (default: newest).")
+    run: Annotated[
+        str | None,
+        typer.Argument(metavar="RUN_ID", help="The run of HOME (default: the newest)."),
     ] = None,
+    home: Annotated[Path, typer.Option(help="Coordinator home folder.")] = DEFAULT_HOME,
     tracking_uri: Annotated[
         str | None,
         typer.Option(help="MLflow tracking server (default: the one the run logged to)."),
+    ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(hidden=True, callback=deprecated_option("--run-id", "RUN_ID")),
     ] = None,
 ) -> None:
     """Rebuild every site's round reports and the federation summary from MLflow.
 
     Reads the run's metric histories and the reports stored in each site's child run, and
     writes ``report.{json,html}`` per round and site plus ``federation_summary.{json,html}``
-    under ``<run-dir>/runs/<run id>/reports/`` (replacing what is there).
+    under ``HOME/runs/<run id>/reports/`` (replacing what is there).
 
     Examples
     --------
-    python -m server report demo-out
+    python -m server report --home demo-out
 
-    python -m server report demo-out/runs/4242 --tracking-uri http://127.0.0.1:5000
+    python -m server report --home demo-out 4242 --tracking-uri http://127.0.0.1:5000
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -93,13 +76,21 @@ def report(
     )
     from server.tracking import read_federation
 
-    log_dir = _log_dir(run_dir.resolve(), run_id)
-    recorded_uri, parent_run_id = _mlflow_of(log_dir)
+    if run_id is not None:
+        if run is not None and not run.isdigit():  # the old `report RUN_DIR --run-id ID`
+            warn_deprecated("report RUN_DIR", "report --home HOME RUN_ID")
+            home = Path(run)
+        run = run_id
+    try:
+        files = chosen_run(home.resolve(), run, command="report")
+    except ConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="RUN_ID") from None
+    recorded_uri, parent_run_id = _mlflow_of(files)
     uri = tracking_uri or recorded_uri
     if not uri or not parent_run_id:
         raise typer.BadParameter(
-            f"run {log_dir.name} was not tracked in MLflow (no tracking-uri in its run config)",
-            param_hint="RUN_DIR",
+            f"run {files.run_id} was not tracked in MLflow (no tracking-uri in its run config)",
+            param_hint="RUN_ID",
         )
     try:
         with tempfile.TemporaryDirectory() as scratch:
@@ -108,7 +99,7 @@ def report(
         console.print(f"[red]cannot read run {parent_run_id} from {uri}:[/] {error.message}")
         console.print("Start the tracking server the run used, or pass --tracking-uri.")
         raise typer.Exit(1) from None
-    out = log_dir / "reports"
+    out = files.reports_dir
     table = Table(title=f"Reports of {stored.run} rebuilt from {uri}")
     for column in ("round", "site", "flags", "report"):
         table.add_column(column)

@@ -13,7 +13,6 @@ from server.checkpoint import RunFiles, read_status
 from server.commands.run import follow_to_the_end
 from server.commands.start import DEFAULT_HOME
 from server.coordinator import Coordinator, submit
-from server.resume import find_resume_point
 from server.run_watch import reconcile_runs
 from sic_core.errors import ConfigError, SicfedError
 
@@ -68,6 +67,8 @@ def resume(
     python -m server resume --home runs/coordinator
     python -m server resume --home runs/coordinator 4242
     """
+    from server.resume import find_resume_point  # torch and flwr: not for --help
+
     coordinator = Coordinator(home)
     if not coordinator.superlink_alive():
         console.print(

@@ -19,6 +19,7 @@ from server.flower_cli import server_app_log, stop_run
 from server.processes import log_tail
 from server.run_watch import RunLostError, error_excerpt, exception_line, mark_run_ended
 from server.settings import RunSettings
+from sic_core.cli_vocabulary import warn_deprecated
 from sic_core.errors import SicfedError
 
 __all__ = ["follow_to_the_end", "parse_overrides", "run"]
@@ -56,11 +57,13 @@ def run(
 ) -> None:
     """Submit the SIC federation app with run-config overrides; stream the rounds.
 
-    The run writes checkpoints under HOME/checkpoints/<run id>/ and logs to the coordinator's
-    MLflow server (parent run fed-<run id>, one child run per site). If the SuperLink or
-    the ServerApp dies, this exits 1 within 30 s with the cause and the ServerApp's error
-    (from `flwr log`), and marks the run failed in HOME/runs/<run id>/status.json and
-    MLflow.
+    The run writes its round log, status, audit log and reports under HOME/runs/<run id>/,
+    its checkpoints under HOME/checkpoints/<run id>/ (the run config's run-dir is HOME), and
+    logs to the coordinator's MLflow server (parent run fed-<run id>, one child run per
+    site). Every key and value of --set is checked before anything is submitted. If the
+    SuperLink or the ServerApp dies, this exits 1 within 30 s with the cause and the
+    ServerApp's error (from `flwr log`), and marks the run failed in
+    HOME/runs/<run id>/status.json and MLflow.
 
     Examples
     --------
@@ -71,6 +74,8 @@ def run(
     try:
         addresses = coordinator.addresses()
         overrides = {"tracking-uri": addresses.tracking_uri, **parse_overrides(set_ or [])}
+        if "run-dir" in overrides:  # the run then lives outside HOME, where no command looks
+            warn_deprecated("--set run-dir=...", "--home (the run folder is HOME/runs/<run id>)")
         # Flower would refuse a bad key only as "Invalid run configuration."; name it here.
         RunSettings.from_run_config(overrides)
         run_id = submit(coordinator, overrides, staging_parent=coordinator.home / "staging")

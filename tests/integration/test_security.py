@@ -221,7 +221,7 @@ def _join(site: Path, address: str, port: int, *extra: str) -> list[str]:
         str(site),
         "--superlink",
         address,
-        "--port",
+        "--local-port",
         str(port),
         "--no-prepare",
         "--cold",

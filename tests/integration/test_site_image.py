@@ -17,6 +17,7 @@ The images the test builds are removed at the end; the base image is kept.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -44,7 +45,12 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE_IMAGE = "localhost/sicfed-base:bookworm"
+LOCAL_BASE = ROOT / "docker" / "local-base.sh"
+#: The cached base is named after the script that made it: a changed script makes a new one.
+BASE_REPOSITORY = "localhost/sicfed-base"
+BASE_IMAGE = (
+    f"{BASE_REPOSITORY}:bookworm-{hashlib.sha256(LOCAL_BASE.read_bytes()).hexdigest()[:12]}"
+)
 SITE_UID = 10001
 ROUNDS = 2
 SIZE = 64
@@ -120,9 +126,13 @@ def _build_arguments() -> list[str]:
 def _ensure_base(podman: str) -> None:
     if subprocess.run([podman, "image", "exists", BASE_IMAGE], check=False).returncode == 0:
         return
+    listed = _run([podman, "images", "--format", "{{.Repository}}:{{.Tag}}", BASE_REPOSITORY])
+    stale = [image for image in listed.stdout.split() if image.startswith(f"{BASE_REPOSITORY}:")]
+    if stale:  # made by an earlier version of the script
+        subprocess.run([podman, "rmi", *stale], capture_output=True, check=False)
     started = time.monotonic()
     environment = {**os.environ, "ENGINE": podman}
-    _run(["bash", "docker/local-base.sh", BASE_IMAGE], cwd=ROOT, env=environment)
+    _run(["bash", str(LOCAL_BASE), BASE_IMAGE], cwd=ROOT, env=environment)
     print(f"base image {BASE_IMAGE} made in {time.monotonic() - started:.0f} s")
 
 
@@ -280,7 +290,7 @@ def test_the_site_image_joins_a_federation_from_a_read_only_container(
                 site_yaml,
                 "--superlink",
                 superlink,
-                "--port",
+                "--local-port",
                 str(free_port(9094)),
                 "--root-certificates",
                 "/site/ca.crt",

@@ -96,16 +96,28 @@ def test_a_deleted_or_reordered_line_is_named(tmp_path: Path) -> None:
 def test_audit_verify_command_names_the_first_bad_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "4242"
     write_log(run_dir / "audit.jsonl")
-    result = runner.invoke(app, ["audit", "verify", str(run_dir)])
+    result = runner.invoke(app, ["audit", "verify", "--home", str(tmp_path), "4242"])
     assert result.exit_code == 0, result.output
     assert f"{len(EVENTS)} entries verify" in result.output
     lines = (run_dir / "audit.jsonl").read_text().splitlines()
     lines[2] = lines[2].replace('"round":1', '"round":7')
     (run_dir / "audit.jsonl").write_text("\n".join(lines) + "\n")
-    result = runner.invoke(app, ["audit", "verify", str(run_dir)])
+    result = runner.invoke(app, ["audit", "verify", "--home", str(tmp_path)])  # the newest
     assert result.exit_code == 1
     assert "line 3 does not verify" in " ".join(result.output.split())
-    assert runner.invoke(app, ["audit", "verify", str(tmp_path)]).exit_code != 0
+    result = runner.invoke(app, ["audit", "verify", "--home", str(tmp_path), "17"])
+    assert result.exit_code == 2 and "has no run 17" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("argument", ["runs/4242", "runs/4242/audit.jsonl", "."])
+def test_audit_verify_still_takes_the_old_run_folder_with_a_warning(
+    tmp_path: Path, argument: str
+) -> None:
+    write_log(tmp_path / "runs" / "4242" / "audit.jsonl")
+    result = runner.invoke(app, ["audit", "verify", str(tmp_path / argument)])
+    assert result.exit_code == 0, result.output
+    assert f"{len(EVENTS)} entries verify" in result.output
+    assert "is deprecated, use audit verify --home HOME RUN_ID" in result.stderr
 
 
 def test_audit_verify_has_help_with_examples() -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -214,3 +215,93 @@ def test_flower_cli_is_on_the_path_of_this_python() -> None:
         [str(venv_bin() / "flwr"), "--version"], capture_output=True, text=True, check=False
     )
     assert completed.returncode == 0 and "1.41" in completed.stdout
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _command_names(typer_app: typer.Typer) -> list[str]:
+    names = [info.name for info in typer_app.registered_commands]
+    groups = [group.name or group.typer_instance.info.name for group in typer_app.registered_groups]
+    return [*names, *groups]
+
+
+def test_top_level_help_lists_every_command_and_shows_examples() -> None:
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    names = _command_names(app)
+    assert len(names) == 11 and all(name for name in names)
+    for name in names:
+        assert f"python -m server {name}" in result.output, name
+    assert "Examples" in result.output
+
+
+def test_help_imports_neither_torch_nor_flwr() -> None:
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['server', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('server', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0, done.code\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'flwr', 'mlflow'}))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert completed.stdout.splitlines()[-1] == "[]", completed.stdout
+
+
+class _StopBeforeStartingError(Exception):
+    """Raised in place of creating the demo's coordinator: the options were read."""
+
+
+def test_demo_still_takes_out_and_sites_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.commands import demo as demo_module
+
+    def stop(home: Path) -> None:
+        raise _StopBeforeStartingError(home)
+
+    monkeypatch.setattr(demo_module, "Coordinator", stop)
+    for argv in (
+        ["--home", str(tmp_path / "d"), "--num-sites", "2"],
+        ["--out", str(tmp_path / "d"), "--sites", "2"],
+    ):
+        result = runner.invoke(app, ["demo", *argv])
+        assert isinstance(result.exception, _StopBeforeStartingError), result.output
+        assert result.exception.args[0] == (tmp_path / "d").resolve()
+        assert "Demo federation of 2 sites" in result.output
+    assert "warning: --out is deprecated, use --home" in result.stderr
+    assert "warning: --sites is deprecated, use --num-sites" in result.stderr
+    assert "--out" not in runner.invoke(app, ["demo", "--help"]).output
+
+
+def test_one_poll_interval_default_everywhere() -> None:
+    import inspect
+    import tomllib
+
+    from server.commands.demo import demo
+    from sic_core.cli_vocabulary import POLL_INTERVAL_SECONDS
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"]["poll-interval"] == POLL_INTERVAL_SECONDS
+    assert RunSettings.from_run_config({}).poll_interval == POLL_INTERVAL_SECONDS
+    assert inspect.signature(demo).parameters["poll_interval"].default == POLL_INTERVAL_SECONDS
+
+
+def test_user_facing_text_names_the_site_keys_as_keygen_writes_them() -> None:
+    import re
+
+    from sic_core.cli_vocabulary import SITE_PUBLIC_KEY_FILE
+
+    texts = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+    texts += [*(ROOT / "server").rglob("*.py"), *(ROOT / "client").rglob("*.py")]
+    other_names = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in texts
+        for name in re.findall(r"[\w-]+\.pub\b", path.read_text())
+        if name != SITE_PUBLIC_KEY_FILE and name != "KEY.pub"
+    }
+    assert not other_names, other_names

@@ -69,11 +69,17 @@ def tracked_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[RunFil
     return files, uri
 
 
-def test_reports_are_rebuilt_from_mlflow_alone(tracked_run: tuple[RunFiles, str]) -> None:
+@pytest.mark.parametrize("old_spelling", [False, True], ids=["home-and-run-id", "run-dir"])
+def test_reports_are_rebuilt_from_mlflow_alone(
+    tracked_run: tuple[RunFiles, str], old_spelling: bool
+) -> None:
     files, _ = tracked_run
     shutil.rmtree(files.reports_dir)
-    result = CliRunner().invoke(app, ["report", str(files.run_dir)])
+    argv = [str(files.run_dir)] if old_spelling else ["--home", str(files.run_dir), "11"]
+    result = CliRunner().invoke(app, ["report", *argv])
     assert result.exit_code == 0, result.output
+    deprecated = "warning: report RUN_DIR is deprecated, use report --home HOME RUN_ID"
+    assert (deprecated in result.stderr) == old_spelling
     for server_round in (1, 2):
         for site in SITES:
             folder = files.reports_dir / f"round_{server_round:03d}" / site
@@ -98,9 +104,12 @@ def test_reports_are_rebuilt_from_mlflow_alone(tracked_run: tuple[RunFiles, str]
 
 
 def test_report_of_a_folder_without_runs_names_what_it_expected(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    result = CliRunner().invoke(app, ["report", "--home", str(tmp_path)])
     assert result.exit_code == 2
-    assert "status.json" in result.output
+    assert "<run id>" in result.output
+    result = CliRunner().invoke(app, ["report", "--home", str(tmp_path), "4242"])
+    assert result.exit_code == 2
+    assert "has no run" in result.output
 
 
 def test_the_experiment_is_tagged_as_model_training(
@@ -123,3 +132,15 @@ def test_the_runs_table_link_opens_the_model_training_view() -> None:
         "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
     )
     assert runs_table_url("sqlite:///mlflow.db", "7") is None
+
+
+def test_report_still_takes_run_id_as_an_option_with_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "4242").mkdir(parents=True)
+    for argv in (
+        ["--home", str(tmp_path), "--run-id", "4242"],
+        [str(tmp_path), "--run-id", "4242"],
+    ):
+        result = CliRunner().invoke(app, ["report", *argv])
+        assert result.exit_code == 2  # the run was found; it has no checkpoint to read
+        assert "no checkpoint of run 4242" in " ".join(result.output.split())
+        assert "warning: --run-id is deprecated, use RUN_ID" in result.stderr

@@ -25,12 +25,13 @@ SIZE = 16
 
 def test_pretrain_writes_a_checkpoint_the_server_starts_from(tmp_path: Path) -> None:
     public = write_site(tmp_path, "public_a", size=SIZE, seed=5)
-    out = tmp_path / "init.pt"
+    folder = tmp_path / "public"
     result = CliRunner().invoke(
         client_cli,
-        ["pretrain", "--site", str(public), "--out", str(out), "--epochs", "1", "--seed", "3"],
+        ["pretrain", "--site", str(public), "--out", str(folder), "--epochs", "1", "--seed", "3"],
     )
     assert result.exit_code == 0, result.output
+    out = folder / "init.pt"
     checkpoint = load_checkpoint(out)
     assert checkpoint.metadata["kind"] == "public-warm-start"
     assert checkpoint.metadata["public_sites"] == ["public_a"]
