@@ -10,6 +10,7 @@ which imports the whole data pipeline (torch, MONAI, pydicom).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,13 @@ def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
 
 def test_the_site_extra_installs_a_working_site_without_mlflow(tmp_path: Path) -> None:
     venv = tmp_path / "site-venv"
+    try:
+        _check_a_site_install(venv, tmp_path)
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)  # 6 GB, mostly torch's CUDA wheels
+
+
+def _check_a_site_install(venv: Path, tmp_path: Path) -> None:
     _run([sys.executable, "-m", "venv", str(venv)])
     python = str(venv / "bin" / "python")
     # --no-compile: bytecode of torch's thousands of modules is written when first imported.
