@@ -4,7 +4,10 @@ Examples
 --------
     python -m bench                      # CPU, writes bench/results/cpu.json
     python -m bench --device cuda        # GPU, writes bench/results/gpu.json
-    python -m bench --only training      # one section
+    python -m bench --only training      # one section (its figures replace theirs in
+                                         # results/cpu.json; the others stay)
+    python -m bench --only site          # one site's message overhead and training on the
+                                         # device (--device cuda: on the GPU)
     python -m bench --only cli           # seconds of `python -m server --help` and client's
     python -m bench --only scale         # 10/30/100 simulated sites (minutes; needs the
                                          # [simulation] extra); appends results/scale.json
@@ -34,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("training", "dp", "data", "round", "explain", "cli")
+SECTIONS = ("training", "dp", "data", "round", "explain", "cli", "site")
 #: Sections run only when named with --only (too slow for `make bench`, or an extra needed);
 #: each appends its record to results/<name>.json.
 OPTIONAL_SECTIONS = ("scale", "learning")
@@ -63,6 +66,10 @@ def _run_section(name: str, device: torch.device, workdir: Path) -> dict[str, fl
 
         size = 128 if device.type == "cuda" else 64
         return run(device, size=size, repeats=10 if device.type == "cuda" else 5)
+    if name == "site":
+        from bench.site_bench import run as run_site
+
+        return run_site(workdir, device)
     if name == "dp":
         from bench.dp_bench import run as run_dp
 
@@ -152,6 +159,10 @@ def main(
 
             record["machine"] = {**record["machine"], **machine_details()}
         payload = [*(json.loads(target.read_text()) if target.exists() else []), record]
+    elif out is None and set(sections) != set(SECTIONS) and target.is_file():
+        # Some sections only: their figures replace theirs in results/<device>.json, and
+        # the other sections' figures stay (the date and machine are this run's).
+        payload = {**json.loads(target.read_text()), **record}
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(payload, indent=2) + "\n")
     console.print(f"written {target}")

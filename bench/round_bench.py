@@ -24,7 +24,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from client.commands.join import FLOWER_POLL_SECONDS
+from server.app_bundle import app_bundle_hash
 from server.commands.demo import ensure_synthcxr, wait_for_sites
 from server.coordinator import (
     TASK_POLL_INTERVAL,
@@ -37,7 +40,7 @@ from server.coordinator import (
 )
 from server.processes import ProcessGroup, ProcessStartError
 
-__all__ = ["federate", "run", "slowest"]
+__all__ = ["approve_app", "federate", "run", "slowest"]
 
 SITES = ("site_a", "site_b", "site_c")
 ROUNDS = 3
@@ -50,14 +53,22 @@ PHASE_STARTUP = {
 
 
 def federate(
-    workdir: Path, data: Path, *, tuned: bool, settings: dict[str, Any] | None = None
+    workdir: Path,
+    data: Path,
+    *,
+    tuned: bool,
+    settings: dict[str, Any] | None = None,
+    worker: bool | None = None,
 ) -> list[dict]:
     """Run one federation of the three SynthCXR sites in ``data``; return its round log.
 
-    ``settings`` override the run config of the overhead measurement (32 px, one epoch).
+    ``settings`` override the run config of the overhead measurement (32 px, one epoch);
+    ``worker`` starts every site with ``join --worker`` or ``--no-worker`` (``None``: join's
+    default).
     """
     coordinator = Coordinator(workdir)
     task_poll = TASK_POLL_INTERVAL if tuned else None
+    approve_app(data, app_bundle_hash(workdir / "staging"))
     with ProcessGroup() as group:
         address, _ = start_superlink(
             group, coordinator, port=free_port(8000), task_poll_interval=task_poll
@@ -74,6 +85,7 @@ def federate(
                 threads=1,
                 warm=tuned,
                 task_poll_interval=task_poll,
+                worker=worker,
             )
         wait_for_sites(coordinator, len(SITES), timeout=300, group=group)
         overrides: dict[str, Any] = {
@@ -97,6 +109,15 @@ def federate(
     if outcome.status != "completed":
         raise ProcessStartError(f"benchmark run {run_id} ended {outcome.status}; see {workdir}")
     return outcome.rounds
+
+
+def approve_app(data: Path, app_hash: str) -> None:
+    """Let every site in ``data`` run exactly the app bundle ``app_hash`` (and no other)."""
+    for name in SITES:
+        site_yaml = data / name / "site.yaml"
+        config = yaml.safe_load(site_yaml.read_text())
+        config["federation"] = {"approved_apps": [app_hash]}
+        site_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def slowest(entry: dict, phase: str, key: str) -> float:

@@ -9,13 +9,26 @@ data come from the on-disk cache of :func:`client.data.load_site_data`):
 - ``query.support``: per-class cluster sums and counts of the site's training embeddings
   under the global weights (:class:`SupportMetric`; under DP the noised release around the
   global support set);
-- ``evaluate``: global weights and support set, site-local nearest-image supports, AUROC,
-  balanced accuracy, calibration and loss on the validation split (:class:`EvalMetric`),
+- ``query.calibration``: binned validation margins under the new global support set (integer
+  counts, :class:`CalibrationMetric`), from which the server fits the round's calibration;
+- ``evaluate``: global weights and support set, site-local nearest-image supports, AUROC
+  with its 95 % interval, balanced accuracy, calibrated and raw ECE and loss on the
+  validation split (:class:`EvalMetric`),
   the explanation-quality metrics on the site's audit set (:class:`XaiMetric`), and the
   round report (:mod:`client.round_report`): the full copy stays in the site's state
   folder, the redacted one (or the full one, where sharing is allowed) goes to the server.
 
-Every reply names the site (its pseudonym) in a ``site`` record. The :func:`sanitise_errors`
+Where ``python -m client join`` started a site worker (:mod:`client.site_worker`, on by
+default for a GPU site), each handler forwards its message to it, and the worker does the
+same work with the device initialised and the data decoded once per join; without one
+(tests, simulation, a CPU site by default) the work runs in this process.
+
+Every handler computes on the site's ``compute.device`` (:mod:`client.device`): the model
+is built there, the cached images stay in host memory and move to it batch by batch, and
+everything that goes on the wire is copied back to the CPU first.
+
+Every reply names the site (its pseudonym and its device label, :attr:`SiteKey.DEVICE`) in a
+``site`` record. The :func:`sanitise_errors`
 mod turns any failure into a fixed reason code; the full error stays in the site's log.
 Per-site memory across rounds (rounds trained, last local supports) lives in
 ``context.state``.
@@ -28,9 +41,10 @@ import logging
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -43,15 +57,18 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.config import SiteConfig, load_site_config
-from client.data import load_site_data, training_augmentation
+from client.data import SiteData, load_site_data, training_augmentation
+from client.device import device_label, site_device
 from client.mods import sanitise_errors
 from client.privacy.central import central_dp_clipping
 from client.privacy.ledger import PrivacyLedger
 from client.round_report import RoundFacts, audit_and_report, round_report_dir
+from client.site_worker import forward_to_worker
 from client.training import (
     ModelSpec,
     RoundSettings,
     build_model,
+    calibration_statistics,
     config_value,
     evaluate_locally,
     private_support_statistics,
@@ -61,9 +78,11 @@ from client.training import (
     train_privately,
     weights_record,
 )
+from sic_core.calibration import Calibration
 from sic_core.errors import ConfigError, SiteError
 from sic_core.wire import (
     ArrayKey,
+    CalibrationMetric,
     ConfigKey,
     ErrorReason,
     EvalMetric,
@@ -76,7 +95,18 @@ from sic_core.wire import (
     XaiMetric,
 )
 
-__all__ = ["SITE_CONFIG_KEY", "app"]
+__all__ = [
+    "HANDLERS",
+    "SITE_CONFIG_KEY",
+    "Received",
+    "SiteResources",
+    "app",
+    "calibration_at_site",
+    "evaluate_at_site",
+    "site_config_path",
+    "support_at_site",
+    "train_at_site",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +141,43 @@ def _route_logs() -> None:
                 logger.addHandler(handler)
 
 
-def site_config(context: Context) -> SiteConfig:
-    """The site's validated config, from ``context.node_config["site-config"]``."""
+@dataclass(frozen=True)
+class Received:
+    """What a handler reads of a message: its records and its type (for error texts)."""
+
+    content: RecordDict
+    message_type: str
+
+
+@dataclass
+class SiteResources:
+    """What a handler computes with: the site's config, its device and its data.
+
+    In a ClientApp process these are loaded for one message (:meth:`load`); the site worker
+    (:mod:`client.site_worker`) keeps one for the whole ``join``, so that the device is
+    initialised and the data decoded once.
+    """
+
+    config: SiteConfig
+    config_path: str
+    device: torch.device
+    _data: SiteData | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, path: str) -> SiteResources:
+        """The site's config (``ConfigError`` naming the field) and its resolved device."""
+        config = load_site_config(Path(path))
+        return cls(config=config, config_path=path, device=site_device(config))
+
+    def data(self) -> SiteData:
+        """The site's data (loaded from its cache on first use)."""
+        if self._data is None:
+            self._data = load_site_data(self.config)
+        return self._data
+
+
+def site_config_path(context: Context) -> str:
+    """``context.node_config["site-config"]``: the site's YAML (``ConfigError`` if unset)."""
     path = context.node_config.get(SITE_CONFIG_KEY)
     if not isinstance(path, str) or not path:
         raise ConfigError(
@@ -120,28 +185,30 @@ def site_config(context: Context) -> SiteConfig:
             f"--node-config '{SITE_CONFIG_KEY}=\"/path/to/site.yaml\"' "
             "(python -m client join --site FILE does this)"
         )
-    return load_site_config(Path(path))
+    return path
 
 
-def _record(message: Message, key: RecordKey, kind: type) -> object:
+def _record(message: Received, key: RecordKey, kind: type) -> object:
     record = message.content.get(str(key))
     if not isinstance(record, kind):
         raise SiteError(
-            f"the {message.metadata.message_type} message has no {str(key)!r} {kind.__name__}",
+            f"the {message.message_type} message has no {str(key)!r} {kind.__name__}",
             reason=str(ErrorReason.INVALID_MESSAGE),
         )
     return record
 
 
-def _reply(message: Message, config: SiteConfig, metrics: dict[str, float], **records) -> Message:
-    content = RecordDict(
+def _reply(site: SiteResources, metrics: dict[str, float], **records) -> RecordDict:
+    named = ConfigRecord(
+        {str(SiteKey.NAME): site.config.name, str(SiteKey.DEVICE): device_label(site.device)}
+    )
+    return RecordDict(
         {
             **{str(key): value for key, value in records.items()},
             str(RecordKey.METRICS): MetricRecord(metrics),
-            str(RecordKey.SITE): ConfigRecord({str(SiteKey.NAME): config.name}),
+            str(RecordKey.SITE): named,
         }
     )
-    return Message(content, reply_to=message)
 
 
 def _progress(context: Context) -> ConfigRecord:
@@ -165,7 +232,7 @@ def _ledger(config: SiteConfig) -> PrivacyLedger:
     )
 
 
-def _spec(message: Message, config: SiteConfig, source: str) -> tuple[ConfigRecord, ModelSpec]:
+def _spec(message: Received, config: SiteConfig, source: str) -> tuple[ConfigRecord, ModelSpec]:
     round_config = _record(message, RecordKey.CONFIG, ConfigRecord)
     spec = ModelSpec.from_config(round_config)
     spec.check_site(
@@ -174,20 +241,57 @@ def _spec(message: Message, config: SiteConfig, source: str) -> tuple[ConfigReco
     return round_config, spec
 
 
+def _handle(kind: str, message: Message, context: Context) -> Message:
+    """Run handler ``kind`` on the site worker if ``join`` started one, else here."""
+    startup = process_age()
+    _route_logs()
+    received = Received(message.content, message.metadata.message_type)
+    content = forward_to_worker(kind, received, context, startup)
+    if content is None:
+        site = SiteResources.load(site_config_path(context))
+        content = HANDLERS[kind](received, context, site, startup)
+    return Message(content, reply_to=message)
+
+
 @app.train(mods=[central_dp_clipping])
 def train(message: Message, context: Context) -> Message:
     """Train the global model locally for the configured epochs."""
-    startup = process_age()
-    _route_logs()
+    return _handle("train", message, context)
+
+
+@app.query(str(QueryName.SUPPORT))
+def support(message: Message, context: Context) -> Message:
+    """Per-class cluster sums and counts of the training embeddings under the sent weights."""
+    return _handle("support", message, context)
+
+
+@app.query(str(QueryName.CALIBRATION))
+def calibrate(message: Message, context: Context) -> Message:
+    """Binned validation margins under the sent weights and global support set."""
+    return _handle("calibration", message, context)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the global model with site-local supports; audit its explanations; report."""
+    return _handle("evaluate", message, context)
+
+
+def train_at_site(
+    message: Received, context: Context, site: SiteResources, startup: float
+) -> RecordDict:
+    """The ``train`` reply's records: local training from the global weights."""
     started = time.perf_counter()
-    config = site_config(context)
-    round_config, spec = _spec(message, config, context.node_config[SITE_CONFIG_KEY])
+    config, device = site.config, site.device
+    round_config, spec = _spec(message, config, site.config_path)
     settings = RoundSettings.from_config(round_config)
     if "batch_size" in config.training.model_fields_set:
         settings = replace(settings, batch_size=config.training.batch_size)
     support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
-    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), support)
-    data = load_site_data(config)
+    model = build_model(
+        spec, _record(message, RecordKey.ARRAYS, ArrayRecord), support, device=device
+    )
+    data = site.data()
     split = data.split("train")
     augmentation = training_augmentation(config)
     augment = (lambda batch, _: augmentation(batch, {})[0]) if augmentation.enabled else None
@@ -228,19 +332,18 @@ def train(message: Message, context: Context) -> Message:
         str(TrainMetric.DP_EPSILON): epsilon,
         str(TrainMetric.COLLAPSED): int(history.collapsed),
     }
-    return _reply(message, config, metrics, **{str(RecordKey.ARRAYS): weights})
+    return _reply(site, metrics, **{str(RecordKey.ARRAYS): weights})
 
 
-@app.query(str(QueryName.SUPPORT))
-def support(message: Message, context: Context) -> Message:
-    """Per-class cluster sums and counts of the training embeddings under the sent weights."""
-    startup = process_age()
-    _route_logs()
+def support_at_site(
+    message: Received, context: Context, site: SiteResources, startup: float
+) -> RecordDict:
+    """The ``query.support`` reply's records: the training embeddings' cluster statistics."""
     started = time.perf_counter()
-    config = site_config(context)
-    round_config, spec = _spec(message, config, context.node_config[SITE_CONFIG_KEY])
-    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), None)
-    split = load_site_data(config).split("train")
+    config, device = site.config, site.device
+    round_config, spec = _spec(message, config, site.config_path)
+    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), None, device=device)
+    split = site.data().split("train")
     seed = int(config_value(round_config, ConfigKey.SEED, int))
     if uses_dp(bool(config_value(round_config, ConfigKey.DP, bool)), config):
         stats = private_support_statistics(
@@ -269,22 +372,80 @@ def support(message: Message, context: Context) -> Message:
             str(ArrayKey.COUNTS): Array(stats.counts.float().numpy()),
         }
     )
-    return _reply(message, config, metrics, **{str(RecordKey.STATS): record})
+    return _reply(site, metrics, **{str(RecordKey.STATS): record})
 
 
-@app.evaluate()
-def evaluate(message: Message, context: Context) -> Message:
-    """Evaluate the global model with site-local supports; audit its explanations; report."""
-    startup = process_age()
-    _route_logs()
+def calibration_at_site(
+    message: Received, context: Context, site: SiteResources, startup: float
+) -> RecordDict:
+    """The ``query.calibration`` reply's records: integer counts of binned validation margins."""
     started = time.perf_counter()
-    config = site_config(context)
-    round_config, spec = _spec(message, config, context.node_config[SITE_CONFIG_KEY])
+    config, device = site.config, site.device
+    _, spec = _spec(message, config, site.config_path)
+    global_support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
+    model = build_model(
+        spec, _record(message, RecordKey.ARRAYS, ArrayRecord), global_support, device=device
+    )
+    data = site.data()
+    train_split, val_split = data.split("train"), data.split("val")
+    histogram = calibration_statistics(
+        model,
+        global_support,
+        train_split.images,
+        train_split.labels,
+        val_split.images,
+        val_split.labels,
+    )
+    metrics = {
+        str(CalibrationMetric.NUM_EXAMPLES): histogram.cases,
+        str(CalibrationMetric.SECONDS): time.perf_counter() - started,
+        str(CalibrationMetric.STARTUP): startup,
+    }
+    record = ArrayRecord({str(ArrayKey.MARGIN_COUNTS): Array(histogram.counts.cpu().numpy())})
+    return _reply(site, metrics, **{str(RecordKey.STATS): record})
+
+
+def round_calibration(round_config: ConfigRecord, num_classes: int) -> Calibration | None:
+    """The round's global calibration from an ``evaluate`` config (``None``: none sent)."""
+    text = round_config.get(str(ConfigKey.CALIBRATION))
+    if text is None:
+        return None
+    try:
+        calibration = Calibration.from_dict(json.loads(str(text)))
+    except (ValueError, TypeError) as error:
+        raise SiteError(
+            f"round config {str(ConfigKey.CALIBRATION)!r}: {error}",
+            reason=str(ErrorReason.INVALID_MESSAGE),
+        ) from None
+    if calibration.num_classes != num_classes:
+        raise SiteError(
+            f"round config {str(ConfigKey.CALIBRATION)!r} has {calibration.num_classes} "
+            f"classes, the model {num_classes}",
+            reason=str(ErrorReason.INVALID_MESSAGE),
+        )
+    return calibration
+
+
+def _ci_bound(result_intervals: dict | None, index: int) -> float:
+    interval = (result_intervals or {}).get("perf/auroc")
+    return math.nan if interval is None else interval.to_list()[index]
+
+
+def evaluate_at_site(
+    message: Received, context: Context, site: SiteResources, startup: float
+) -> RecordDict:
+    """The ``evaluate`` reply's records: validation metrics, the audit and the report."""
+    started = time.perf_counter()
+    config, device = site.config, site.device
+    round_config, spec = _spec(message, config, site.config_path)
     server_round = int(config_value(round_config, ConfigKey.SERVER_ROUND, int))
     global_support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
-    model = build_model(spec, _record(message, RecordKey.ARRAYS, ArrayRecord), global_support)
-    data = load_site_data(config)
+    model = build_model(
+        spec, _record(message, RecordKey.ARRAYS, ArrayRecord), global_support, device=device
+    )
+    data = site.data()
     train_split, val_split = data.split("train"), data.split("val")
+    calibration = round_calibration(round_config, spec.num_classes)
     result = evaluate_locally(
         model,
         global_support,
@@ -292,6 +453,7 @@ def evaluate(message: Message, context: Context) -> Message:
         train_split.labels,
         val_split.images,
         val_split.labels,
+        calibration=calibration,
     )
     local = result.local_support
     context.state[STATE_LOCAL_SUPPORT] = ArrayRecord(
@@ -309,13 +471,16 @@ def evaluate(message: Message, context: Context) -> Message:
         str(EvalMetric.AUROC_GLOBAL_SUPPORT): _finite_or_chance(result.auroc_global_support),
         str(EvalMetric.LOCAL_SUPPORTS): int((local.indices >= 0).sum()),
         str(EvalMetric.ECE): _finite_or_zero(result.expected_calibration_error),
+        str(EvalMetric.ECE_RAW): _finite_or_zero(result.expected_calibration_error_raw),
+        str(EvalMetric.AUROC_CI_LOW): _ci_bound(result.intervals, 0),
+        str(EvalMetric.AUROC_CI_HIGH): _ci_bound(result.intervals, 1),
     }
     audit_started = time.perf_counter()
     dp_epsilon = _ledger(config).epsilon
     facts = RoundFacts(
         run_id=str(context.run_id),
         server_round=server_round,
-        config_path=Path(context.node_config[SITE_CONFIG_KEY]),
+        config_path=Path(site.config_path),
         performance={
             "perf/auroc": result.auroc,
             "perf/auroc_global_support": result.auroc_global_support,
@@ -323,8 +488,12 @@ def evaluate(message: Message, context: Context) -> Message:
             "perf/accuracy": result.accuracy,
             "perf/loss": result.loss,
             "perf/ece": result.expected_calibration_error,
+            "perf/ece_raw": result.expected_calibration_error_raw,
         },
+        intervals=result.intervals or {},
+        calibration=calibration,
         reliability=result.reliability,
+        reliability_raw=result.reliability_raw or [],
         dp_epsilon=dp_epsilon,
         dp_delta=config.privacy.target_delta,
         released=[
@@ -350,7 +519,16 @@ def evaluate(message: Message, context: Context) -> Message:
         round_report_dir(config, server_round),
     )
     report_record = ConfigRecord({str(ReportKey.JSON): json.dumps(report, allow_nan=False)})
-    return _reply(message, config, metrics, **{str(RecordKey.REPORT): report_record})
+    return _reply(site, metrics, **{str(RecordKey.REPORT): report_record})
+
+
+#: The handlers' work by message kind (what the site worker runs for a forwarded message).
+HANDLERS = {
+    "train": train_at_site,
+    "support": support_at_site,
+    "calibration": calibration_at_site,
+    "evaluate": evaluate_at_site,
+}
 
 
 def _finite_or_chance(value: float) -> float:

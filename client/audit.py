@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,10 @@ from torch import Tensor
 
 from client.synth.render import public_marker_mask
 from sic_core import Explanation, SICModel, explain
+from sic_core.calibration import Calibration, calibrated_probabilities
 from sic_core.metrics import (
+    Interval,
+    bootstrap_interval,
     completeness_max_rel_err,
     deletion_insertion,
     evidence_concentration,
@@ -41,11 +45,26 @@ from sic_core.metrics import (
     support_jaccard,
     top_support_agreement,
 )
-from sic_core.wire import XaiMetric, support_jaccard_key
+from sic_core.why_similar import PROPERTIES, WhySimilar, support_profiles, why_similar
+from sic_core.wire import WhyMetric, XaiMetric, support_jaccard_key
 
-__all__ = ["AuditSet", "ExplanationState", "audit_metrics", "select_audit_set"]
+__all__ = [
+    "AuditSet",
+    "AuditWhy",
+    "ExplanationState",
+    "audit_intervals",
+    "audit_metrics",
+    "audit_why_similar",
+    "select_audit_set",
+]
 
 POSITIVE_CLASS = 1
+#: Supports per case whose "why similar" enters ``why/*`` (the gallery shows as many).
+TOP_SUPPORTS = 3
+#: Audit cases (the first ones) measured against every support for "why similar": its
+#: position property costs four forwards and two backwards per pair, so all 64 audit cases
+#: against six supports would take twenty times an explanation of the audit set.
+WHY_PROFILE_CASES = 16
 
 
 @dataclass(frozen=True)
@@ -150,6 +169,7 @@ def audit_metrics(
     pasted_images: int = 8,
     explanation: Explanation | None = None,
     seed: int = 0,
+    calibration: Calibration | None = None,
 ) -> tuple[dict[str, float], ExplanationState]:
     """Every per-round explanation-quality metric of METRICS.md on the audit set.
 
@@ -181,6 +201,9 @@ def audit_metrics(
         and the shortcut site stands out by its model, not by its data alone.
     explanation
         ``explain(model, audit.images)`` if the caller has it already (the report reuses it).
+    calibration
+        The round's calibration: the counterfactual shift is a change of the calibrated
+        probability (of the sigmoid of the logit without one).
     """
     result = (
         explanation if explanation is not None else explain(model, audit.images, per_support=False)
@@ -235,6 +258,11 @@ def audit_metrics(
         marker_masks.unsqueeze(1),
         clean_images,
         positive_class=POSITIVE_CLASS,
+        probabilities=(
+            None
+            if calibration is None
+            else lambda logits: calibrated_probabilities(logits, calibration)
+        ),
     )
     metrics[XaiMetric.MARKER_COUNTERFACTUAL_SHIFT] = shift.shift
     metrics[XaiMetric.MARKER_COUNTERFACTUAL_FLIPS] = shift.flip_share
@@ -264,3 +292,151 @@ def audit_metrics(
         metrics[XaiMetric.DRIFT_TO_GLOBAL] = math.nan
     state = ExplanationState(support_ids=support_ids.tolist(), top_support_ids=top_ids)
     return {str(key): float(value) for key, value in metrics.items()}, state
+
+
+@dataclass(frozen=True)
+class AuditWhy:
+    """'Why similar' of audit cases against the site-local supports.
+
+    Attributes
+    ----------
+    pairs
+        ``(P, 2)`` (audit case, support index) of each pair: the first
+        :data:`WHY_PROFILE_CASES` audit cases against every support, plus any further cases
+        asked for against their top supports.
+    influence
+        ``(P, 5)`` signed, normalised influence per property (:data:`PROPERTIES` order).
+    profiles
+        ``(K, 5)`` each support's mean influence over the profile cases (its global version;
+        ``nan`` for a support without a local image).
+    top
+        ``(P,)`` bool: a profile case's pair with one of its :data:`TOP_SUPPORTS` strongest
+        supports of its predicted class (the pairs ``why/*`` averages).
+    """
+
+    pairs: Tensor
+    influence: Tensor
+    profiles: Tensor
+    top: Tensor
+
+    def of(self, case: int, support: int) -> dict[str, float] | None:
+        """``{property: influence}`` of one pair (``None`` if it was not measured)."""
+        match = (self.pairs[:, 0] == case) & (self.pairs[:, 1] == support)
+        if not match.any():
+            return None
+        row = self.influence[torch.nonzero(match).flatten()[0]]
+        return {p: float(v) for p, v in zip(PROPERTIES, row, strict=True)}
+
+    def metrics(self) -> dict[str, float]:
+        """``why/<property>``: mean influence over the top pairs (``nan`` if there are none)."""
+        chosen = self.influence[self.top]
+        return {
+            str(key): float(chosen[:, i].mean()) if chosen.shape[0] else math.nan
+            for i, key in enumerate(WhyMetric)
+        }
+
+
+def audit_why_similar(
+    model: SICModel,
+    audit: AuditSet,
+    explanation: Explanation,
+    support_images: Tensor,
+    present: Tensor,
+    *,
+    extra_cases: Sequence[int] = (),
+) -> AuditWhy:
+    """Property influences (:func:`sic_core.why_similar.why_similar`) on the audit set.
+
+    Parameters
+    ----------
+    model
+        The evaluated model with the site-local supports.
+    audit, explanation
+        The audit set and ``explain(model, audit.images)`` (for each case's top supports).
+    support_images
+        ``(K, C, S, S)`` the training image behind each support.
+    present
+        ``(K,)`` bool: the support has a local image (absent classes keep a global vector).
+    extra_cases
+        Further audit cases (e.g. the gallery's) to measure against their top supports.
+    """
+    profile_cases = list(range(min(WHY_PROFILE_CASES, audit.labels.numel())))
+    supports = torch.nonzero(present).flatten().tolist()
+    labels_k = model.support_labels.cpu()
+
+    def strongest(case: int) -> list[int]:
+        predicted = int(explanation.predicted[case])
+        in_class = [k for k in supports if int(labels_k[k]) == predicted]
+        return sorted(in_class, key=lambda k: -float(explanation.evidence[case, k]))[:TOP_SUPPORTS]
+
+    rows = [(i, k, k in strongest(i)) for i in profile_cases for k in supports]
+    rows += [(i, k, False) for i in extra_cases if i not in profile_cases for k in strongest(i)]
+    pairs = torch.tensor([(i, k) for i, k, _ in rows], dtype=torch.long).view(-1, 2)
+    top = torch.tensor([is_top for _, _, is_top in rows], dtype=torch.bool)
+    if pairs.shape[0] == 0:
+        empty = torch.zeros(0, len(PROPERTIES))
+        profiles = torch.full((labels_k.numel(), len(PROPERTIES)), math.nan)
+        return AuditWhy(pairs=pairs, influence=empty, profiles=profiles, top=top)
+    result = why_similar(model, audit.images, support_images, pairs)
+    in_profile = pairs[:, 0] < len(profile_cases)
+    profiles = support_profiles(
+        WhySimilar(
+            similarity=result.similarity[in_profile],
+            drop=result.drop[in_profile],
+            influence=result.influence[in_profile],
+        ),
+        pairs[in_profile, 1],
+        labels_k.numel(),
+    )
+    return AuditWhy(pairs=pairs, influence=result.influence, profiles=profiles, top=top)
+
+
+def _median_of(values: Tensor) -> Callable[[Tensor], float]:
+    return lambda index: _nanmedian(values[index])
+
+
+def _mean_of(values: Tensor) -> Callable[[Tensor], float]:
+    return lambda index: float(values[index].double().mean())
+
+
+def audit_intervals(
+    model: SICModel, audit: AuditSet, explanation: Explanation
+) -> dict[str, Interval | None]:
+    """95 % bootstrap intervals of the explanation metrics that aggregate per-case values.
+
+    Each is the stratified bootstrap (:func:`sic_core.metrics.bootstrap_interval`) of the
+    same aggregate :func:`audit_metrics` reports (a mean or a median) over the cases it
+    uses, withheld under the small-cell rule: ``xai/gini`` and
+    ``xai/evidence_concentration`` over every audit case, ``xai/rma_lift`` and
+    ``xai/pointing_game`` over the true positives with a lesion mask,
+    ``xai/artifact_mass_lift`` over the cases with a marker mask (where there are any).
+    The other metrics are not means over the audit cases and get no interval.
+    """
+    labels = audit.labels
+    maps = explanation.target_maps()
+    magnitude = explanation.evidence.abs()
+    concentration = magnitude.max(dim=1).values / magnitude.sum(dim=1).clamp_min(1e-12)
+    intervals: dict[str, Interval | None] = {
+        str(XaiMetric.GINI): bootstrap_interval(_mean_of(gini(maps)), labels),
+        str(XaiMetric.EVIDENCE_CONCENTRATION): bootstrap_interval(_mean_of(concentration), labels),
+    }
+    true_positive = (
+        (labels > 0) & (explanation.predicted == labels) & audit.lesion.flatten(1).any(1)
+    )
+    truth_maps = explanation.class_maps[torch.arange(labels.numel()), labels][true_positive]
+    lesions = audit.lesion[true_positive]
+    strata = labels[true_positive]
+    intervals[str(XaiMetric.RMA_LIFT)] = bootstrap_interval(
+        _median_of(mass_lift(truth_maps, lesions)), strata
+    )
+    hits = torch.tensor(
+        [pointing_game(truth_maps[i : i + 1], lesions[i : i + 1])[0] for i in range(len(strata))]
+    )
+    intervals[str(XaiMetric.POINTING_GAME)] = bootstrap_interval(_mean_of(hits), strata)
+    marked = audit.marker.flatten(1).any(1)
+    if marked.any():
+        lifts = mass_lift(explanation.class_maps[marked, POSITIVE_CLASS], audit.marker[marked])
+        intervals[str(XaiMetric.ARTIFACT_MASS_LIFT)] = bootstrap_interval(
+            _median_of(lifts), labels[marked]
+        )
+    return intervals

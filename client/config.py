@@ -34,6 +34,8 @@ from client.app_approval import APP_HASH_PATTERN
 from sic_core.errors import ConfigError
 
 __all__ = [
+    "COMPUTE_DEVICE_PATTERN",
+    "ComputeConfig",
     "DataConfig",
     "DataFormat",
     "FederationConfig",
@@ -291,6 +293,28 @@ class ReportingConfig(_Section):
     )
 
 
+#: What ``compute.device`` accepts: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+COMPUTE_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+class ComputeConfig(_Section):
+    """Where the site computes (training, DP-SGD, support statistics, evaluation, audit)."""
+
+    device: str = Field(
+        "auto",
+        description="auto (the first CUDA GPU if there is one, else the CPU), cpu, cuda (the "
+        "first CUDA GPU) or cuda:N (GPU number N); a GPU asked for but missing stops "
+        "`client check` and `client join` with an error, never a fall-back to the CPU",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if COMPUTE_DEVICE_PATTERN.fullmatch(value) is None:
+            raise ValueError("expected auto, cpu, cuda or cuda:N (N the GPU's number)")
+        return value
+
+
 class FederationConfig(_Section):
     """What the site accepts from the federation's coordinator."""
 
@@ -322,6 +346,7 @@ class SiteConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     reporting: ReportingConfig = ReportingConfig()
+    compute: ComputeConfig = ComputeConfig()
     federation: FederationConfig = FederationConfig()
 
 

@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -38,14 +38,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from client.audit import ExplanationState, audit_metrics, select_audit_set
+from client.audit import (
+    ExplanationState,
+    audit_intervals,
+    audit_metrics,
+    audit_why_similar,
+    select_audit_set,
+)
 from client.config import SiteConfig
 from client.data import SiteData
-from client.site_report import ReportInputs, build_site_report, write_site_report
+from client.site_report import (
+    ReportInputs,
+    build_site_report,
+    gallery_cases,
+    write_site_report,
+)
 from client.synth.params import PRESETS, default_sites
 from client.synth.render import Case, render_case
 from sic_core import SICModel, explain, save_checkpoint
 from sic_core.atomic import atomic_write
+from sic_core.calibration import Calibration
+from sic_core.metrics import Interval
 from sic_core.support import SupportSet
 
 __all__ = [
@@ -83,6 +96,12 @@ class RoundFacts:
         Privacy spent so far (``0`` and the site's ``target_delta`` without DP).
     released
         What left the site this round, as (what, value) rows.
+    intervals
+        95 % interval per ``perf/*`` key (``None``: withheld under the small-cell rule).
+    calibration
+        The round's global calibration (``None``: none was sent; probabilities are raw).
+    reliability_raw
+        Reliability-diagram bins of the raw probabilities.
     """
 
     run_id: str
@@ -93,6 +112,9 @@ class RoundFacts:
     dp_epsilon: float
     dp_delta: float
     released: list[tuple[str, object]]
+    intervals: dict[str, Interval | None] = field(default_factory=dict)
+    calibration: Calibration | None = None
+    reliability_raw: list[dict[str, float]] = field(default_factory=list)
 
 
 def reports_dir(config: SiteConfig) -> Path:
@@ -256,11 +278,21 @@ def audit_and_report(
         global_model=global_model,
         probe=public_probe_images(audit.images.shape[-1], audit.images.shape[1]),
         seed=config.seed,
+        calibration=facts.calibration,
     )
     # A class absent here keeps its global vector: a blank tile stands in for its image.
     present = support_indices >= 0
     support_images = torch.zeros(support_indices.numel(), *train.images.shape[1:])
     support_images[present] = train.images[support_indices[present]]
+    why = audit_why_similar(
+        model,
+        audit,
+        explanation,
+        support_images,
+        present,
+        extra_cases=gallery_cases(explanation, audit.labels),
+    )
+    metrics.update(why.metrics())
 
     history_path = reports / "history.json"
     history = [
@@ -306,6 +338,10 @@ def audit_and_report(
         released=facts.released,
         reliability=facts.reliability,
         sanity=_read_json(sanity_path(config)),
+        intervals={**facts.intervals, **audit_intervals(model, audit, explanation)},
+        reliability_raw=facts.reliability_raw,
+        calibration=facts.calibration.to_dict() if facts.calibration is not None else None,
+        why=why,
     )
     report = build_site_report(inputs, model, audit, support_images, explanation)
     leaving = write_site_report(
@@ -326,6 +362,12 @@ def audit_and_report(
         latest_model_path(config),
         model,
         support_indices=support_indices,
-        metadata={"round": facts.server_round, "run_id": facts.run_id},
+        metadata={
+            "round": facts.server_round,
+            "run_id": facts.run_id,
+            # The probabilities shown this round come from this calibration: it travels
+            # with the model.
+            "calibration": facts.calibration.to_dict() if facts.calibration else None,
+        },
     )
     return metrics, leaving

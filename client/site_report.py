@@ -26,15 +26,18 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from client.audit import AuditSet
+from client.audit import AuditSet, AuditWhy
 from sic_core import Explanation, SICModel, explain, explain_support
 from sic_core.atomic import atomic_write
+from sic_core.metrics import Interval, format_interval
 from sic_core.report import XAI_THRESHOLDS, crosses_threshold, json_safe, redact, render_report_html
+from sic_core.why_similar import PROPERTIES, why_line
 
 __all__ = [
     "SMALL_CELL",
     "ReportInputs",
     "build_site_report",
+    "gallery_cases",
     "overlay_png",
     "png_data_uri",
     "small_cell",
@@ -143,6 +146,14 @@ class ReportInputs:
         its ``"round"`` (the x axis of the trend lines).
     released
         What left the site this round: (what, value) rows.
+    reliability, reliability_raw
+        Reliability-diagram bins of the calibrated and of the raw probabilities.
+    intervals
+        95 % interval per ``perf/*`` key (``None``: withheld under the small-cell rule).
+    calibration
+        The round's calibration parameters (``Calibration.to_dict``), if any.
+    why
+        "Why similar" of the audit cases against the supports, if measured.
     """
 
     provenance: Mapping[str, object]
@@ -155,6 +166,10 @@ class ReportInputs:
     released: Sequence[tuple[str, object]]
     reliability: Sequence[Mapping[str, float]] = ()
     sanity: Mapping[str, object] | None = None
+    intervals: Mapping[str, Interval | None] | None = None
+    reliability_raw: Sequence[Mapping[str, float]] = ()
+    calibration: Mapping[str, object] | None = None
+    why: AuditWhy | None = None
 
 
 def _previous(history: Sequence[Mapping[str, float]], key: str) -> float | None:
@@ -167,21 +182,27 @@ def _change(value: float, previous: float | None) -> float | None:
     return value - previous
 
 
+def gallery_cases(result: Explanation, labels: Tensor) -> list[int]:
+    """The audit cases the gallery shows: the first ones, then the most confident errors."""
+    wrong = result.predicted != labels
+    confidence = result.logits.max(dim=1).values
+    fixed = list(range(min(GALLERY_CASES, labels.numel())))
+    # The most confident errors among the cases not already shown: each case appears once.
+    others = torch.nonzero(wrong).flatten()
+    others = others[~torch.isin(others, torch.tensor(fixed, dtype=torch.long))]
+    return fixed + others[confidence[others].argsort(descending=True)][:GALLERY_ERRORS].tolist()
+
+
 def _gallery(
     result: Explanation,
     model: SICModel,
     audit: AuditSet,
     support_images: Tensor,
     class_names: Sequence[str],
+    why: AuditWhy | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     wrong = result.predicted != audit.labels
-    confidence = result.logits.max(dim=1).values
-    fixed = list(range(min(GALLERY_CASES, audit.labels.numel())))
-    # The most confident errors among the cases not already shown: each case appears once.
-    others = torch.nonzero(wrong).flatten()
-    others = others[~torch.isin(others, torch.tensor(fixed, dtype=torch.long))]
-    worst = others[confidence[others].argsort(descending=True)][:GALLERY_ERRORS].tolist()
-    cases = fixed + worst
+    cases = gallery_cases(result, audit.labels)
     scale = float(result.target_maps().abs().flatten().quantile(0.995)) or 1.0
     support_explanation = explain_support(model, support_images)
     support_scale = float(support_explanation.maps.abs().flatten().quantile(0.995)) or 1.0
@@ -228,6 +249,7 @@ def _gallery(
                         "evidence": float(evidence[k]),
                         "png": support_pngs[k],
                         "map_png": support_map_pngs[k],
+                        **_why_entry(why.of(i, k) if why is not None else None),
                     }
                     for k in top
                 ],
@@ -238,10 +260,26 @@ def _gallery(
             "label": support_label(k),
             "png": support_pngs[k],
             "map_png": support_map_pngs[k],
+            **_why_entry(_profile(why, k)),
         }
         for k in range(support_images.shape[0])
     ]
     return gallery, support_set
+
+
+def _profile(why: AuditWhy | None, support: int) -> dict[str, float] | None:
+    """A support's mean influence over the audit set (``None``: not measured)."""
+    if why is None or bool(why.profiles[support].isnan().any()):
+        return None
+    return {p: float(v) for p, v in zip(PROPERTIES, why.profiles[support], strict=True)}
+
+
+def _why_entry(influence: Mapping[str, float] | None) -> dict[str, Any]:
+    """The ``why`` field of a support in the report: one line and the five influences."""
+    if influence is None:
+        return {}
+    values = [influence[p] for p in PROPERTIES]
+    return {"why": {"line": why_line(values), "influence": dict(influence)}}
 
 
 def build_site_report(
@@ -269,14 +307,18 @@ def build_site_report(
     result = (
         explanation if explanation is not None else explain(model, audit.images, per_support=False)
     )
-    gallery, support_set = _gallery(result, model, audit, support_images, inputs.class_names)
+    gallery, support_set = _gallery(
+        result, model, audit, support_images, inputs.class_names, inputs.why
+    )
     history = list(inputs.history)
+    intervals = inputs.intervals or {}
     xai_rows = []
     for key, value in inputs.metrics.items():
         xai_rows.append(
             {
                 "key": key,
                 "value": value,
+                **(_interval_entry(intervals[key]) if key in intervals else {}),
                 "threshold": XAI_THRESHOLDS.get(key),
                 "change": _change(value, _previous(history, key)),
                 "trend": [h.get(key) for h in history] + [value],
@@ -285,7 +327,12 @@ def build_site_report(
             }
         )
     metrics = [
-        {"key": key, "value": value, "previous": _previous(history, key)}
+        {
+            "key": key,
+            "value": value,
+            "previous": _previous(history, key),
+            **(_interval_entry(intervals[key]) if key in intervals else {}),
+        }
         for key, value in inputs.performance.items()
     ]
     counts = {
@@ -306,7 +353,12 @@ def build_site_report(
             "class_counts": counts,
             "quarantine": dict(inputs.quarantine),
         },
-        "performance": {"metrics": metrics, "reliability": list(inputs.reliability)},
+        "performance": {
+            "metrics": metrics,
+            "reliability": list(inputs.reliability),
+            **({"reliability_raw": list(inputs.reliability_raw)} if inputs.reliability_raw else {}),
+            **({"calibration": dict(inputs.calibration)} if inputs.calibration else {}),
+        },
         "xai": xai_rows,
         "completeness_example": {"max_rel_err": inputs.metrics.get("xai/completeness_max_rel_err")},
         "gallery": gallery,
@@ -319,6 +371,13 @@ def build_site_report(
         "findings": findings,
         "redacted": False,
     }
+
+
+def _interval_entry(interval: Interval | None) -> dict[str, Any]:
+    """``ci``: ``[low, high]``, or the small-cell note where the interval is withheld."""
+    if interval is None:
+        return {"ci": format_interval(None)}
+    return {"ci": interval.to_list(), "ci_method": interval.method}
 
 
 def write_site_report(

@@ -10,16 +10,18 @@ The ClientApp (:mod:`client.app`) turns messages into calls of these functions:
   fixed or set from a per-round ε target, checking and recording the site's privacy ledger;
 - :func:`support_statistics` computes per-class cluster sums and counts of the site's
   training embeddings (:func:`private_support_statistics`: the DP release);
+- :func:`calibration_statistics` bins the validation margins under the site-local supports
+  (the statistics of the federated calibration fit, :mod:`sic_core.calibration`);
 - :func:`evaluate_locally` swaps each global support vector for the site's nearest real
   training image (the reference's "closest" rule, applied locally) and scores the site's
-  validation split.
+  validation split, with calibrated probabilities and 95 % intervals.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,11 +34,21 @@ from client.privacy.dp_sgd import plan_dp_sgd, train_dp_sgd, validate_for_dp
 from client.privacy.ledger import Mechanism, PrivacyLedger, noise_for_epsilon
 from client.privacy.support_release import plan_support_release, private_cluster_statistics
 from sic_core import SICModel, anchor_support, create_model, unit_filter_state_dict
+from sic_core.calibration import (
+    Calibration,
+    MarginHistogram,
+    calibrated_probabilities,
+    margin_histogram,
+    raw_probabilities,
+)
 from sic_core.errors import ConfigError, SiteError
 from sic_core.head import sic_loss
 from sic_core.metrics import (
+    Interval,
     auroc,
+    auroc_interval,
     balanced_accuracy,
+    bootstrap_interval,
     expected_calibration_error,
     reliability_bins,
 )
@@ -55,6 +67,7 @@ __all__ = [
     "ModelSpec",
     "RoundSettings",
     "build_model",
+    "calibration_statistics",
     "config_value",
     "evaluate_locally",
     "plan_private_round",
@@ -67,6 +80,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Confidence bins of every ECE (``sic_core.metrics.expected_calibration_error``'s default).
+ECE_BINS = 15
 
 
 def _invalid(message: str) -> SiteError:
@@ -168,8 +184,17 @@ def support_from_record(record: ArrayRecord, spec: ModelSpec) -> SupportSet:
     return SupportSet(vectors=vectors, labels=labels, indices=torch.full_like(labels, -1))
 
 
-def build_model(spec: ModelSpec, arrays: ArrayRecord, support: SupportSet | None) -> SICModel:
-    """The global model: architecture from ``spec``, weights from ``arrays``.
+def build_model(
+    spec: ModelSpec,
+    arrays: ArrayRecord,
+    support: SupportSet | None,
+    *,
+    device: torch.device | None = None,
+) -> SICModel:
+    """The global model: architecture from ``spec``, weights from ``arrays``, on ``device``.
+
+    Everything that computes with the model (training, embedding, evaluation, the audit)
+    runs on the device the model is on (default: the CPU) and moves its batches there.
 
     Raises
     ------
@@ -193,6 +218,8 @@ def build_model(spec: ModelSpec, arrays: ArrayRecord, support: SupportSet | None
         model.load_state_dict(state, strict=False)
     except RuntimeError as error:
         raise _invalid(f"weights do not fit the model: {error}") from None
+    if device is not None:
+        model.to(device)
     if support is not None:
         model.set_support(support.vectors, support.labels)
     return model
@@ -473,8 +500,12 @@ class EvalResult:
     """Validation metrics of the global model at one site.
 
     AUROCs are ``nan`` when the split lacks an outcome (then ``auroc_defined`` is False).
-    ``local_support`` holds the chosen training image per support vector (``-1``: none);
-    calibration is over the sigmoid probabilities of the local-support logits.
+    ``local_support`` holds the chosen training image per support vector (``-1``: none).
+    ``expected_calibration_error`` and ``reliability`` are of the calibrated probabilities
+    (the round's global calibration), the ``_raw`` ones of the sigmoids normalised over
+    classes; ``intervals`` holds the 95 % interval of ``perf/auroc``,
+    ``perf/auroc_global_support``, ``perf/balanced_accuracy`` and ``perf/ece`` (``None``:
+    withheld, small cell).
     """
 
     num_examples: int
@@ -486,6 +517,9 @@ class EvalResult:
     local_support: SupportSet
     expected_calibration_error: float
     reliability: list[dict[str, float]]
+    expected_calibration_error_raw: float = math.nan
+    reliability_raw: list[dict[str, float]] | None = None
+    intervals: dict[str, Interval | None] | None = None
 
     @property
     def auroc_defined(self) -> bool:
@@ -494,8 +528,72 @@ class EvalResult:
 
 @torch.no_grad()
 def _logits(model: SICModel, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Logits ``(N, C)`` on the CPU; each chunk of host images runs on the model's device."""
     model.eval()
-    return torch.cat([model(chunk) for chunk in images.split(batch_size)])
+    device = model.support_vectors.device
+    return torch.cat([model(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
+
+
+def _local_support(
+    model: SICModel, global_support: SupportSet, train_images: Tensor, train_labels: Tensor
+) -> SupportSet:
+    """Each global support vector's nearest (by angle) training image of its class here."""
+    embeddings = embed_all(model, train_images)
+    return nearest_local_support(
+        global_support.vectors, global_support.labels, embeddings, train_labels, by="angle"
+    )
+
+
+def calibration_statistics(
+    model: SICModel,
+    global_support: SupportSet,
+    train_images: Tensor,
+    train_labels: Tensor,
+    val_images: Tensor,
+    val_labels: Tensor,
+) -> MarginHistogram:
+    """Binned validation margins under the site-local supports (what the site sends).
+
+    The logits are those :func:`evaluate_locally` scores; only integer counts per margin
+    bin, class and outcome leave the site (:func:`sic_core.calibration.margin_histogram`).
+    """
+    if val_images.shape[0] == 0:
+        raise SiteError("the validation split is empty", reason="no_validation_data")
+    local = _local_support(model, global_support, train_images, train_labels)
+    model.set_support(local.vectors, local.labels)
+    return margin_histogram(_logits(model, val_images), val_labels)
+
+
+def _balanced_accuracy_of(predicted: Tensor, labels: Tensor) -> Callable[[Tensor], float]:
+    """:func:`balanced_accuracy` of resampled cases, vectorised for the bootstrap."""
+    classes = int(labels.max()) + 1 if labels.numel() else 1
+    correct = (predicted == labels).double()
+
+    def statistic(index: Tensor) -> float:
+        counts = torch.bincount(labels[index], minlength=classes).double()
+        hits = torch.bincount(labels[index], weights=correct[index], minlength=classes)
+        present = counts > 0
+        return float((hits[present] / counts[present]).mean())
+
+    return statistic
+
+
+def _ece_of(probabilities: Tensor, labels: Tensor) -> Callable[[Tensor], float]:
+    """:func:`expected_calibration_error` of resampled cases, vectorised for the bootstrap.
+
+    Its bins: ``ECE = sum_b |sum_{i in b} (correct_i - confidence_i)| / N``.
+    """
+    normalised = probabilities.double() / probabilities.double().sum(dim=1, keepdim=True)
+    confidence, predicted = normalised.max(dim=1)
+    gap = (predicted == labels).double() - confidence
+    edges = torch.linspace(0, 1, ECE_BINS + 1, dtype=torch.float64)
+    bins = torch.bucketize(confidence, edges[1:-1], right=True)
+
+    def statistic(index: Tensor) -> float:
+        sums = torch.bincount(bins[index], weights=gap[index], minlength=ECE_BINS)
+        return float(sums.abs().sum() / index.numel())
+
+    return statistic
 
 
 def evaluate_locally(
@@ -505,6 +603,8 @@ def evaluate_locally(
     train_labels: Tensor,
     val_images: Tensor,
     val_labels: Tensor,
+    *,
+    calibration: Calibration | None = None,
 ) -> EvalResult:
     """Score the global model on the validation split with site-local supports.
 
@@ -513,19 +613,28 @@ def evaluate_locally(
     and DP-released global vectors, centroids of clipped embeddings, are far shorter than
     the embeddings; classes absent here keep the global vector); loss, AUROC and
     balanced accuracy use those supports. ``auroc_global_support`` scores the unmodified
-    global vectors for comparison.
+    global vectors for comparison. Probabilities are calibrated with ``calibration`` (the
+    round's global fit; without one they are the raw probabilities); the AUROC comes from
+    the logits, so calibration, being monotone, leaves it unchanged.
     """
     if val_images.shape[0] == 0:
         raise SiteError("the validation split is empty", reason="no_validation_data")
-    embeddings = embed_all(model, train_images)
-    local = nearest_local_support(
-        global_support.vectors, global_support.labels, embeddings, train_labels, by="angle"
-    )
+    local = _local_support(model, global_support, train_images, train_labels)
     model.set_support(global_support.vectors, global_support.labels)
     global_logits = _logits(model, val_images)
     model.set_support(local.vectors, local.labels)
     logits = _logits(model, val_images)
     predicted = logits.argmax(dim=1)
+    raw = raw_probabilities(logits)
+    probabilities = raw if calibration is None else calibrated_probabilities(logits, calibration)
+    intervals = {
+        "perf/auroc": auroc_interval(logits, val_labels),
+        "perf/auroc_global_support": auroc_interval(global_logits, val_labels),
+        "perf/balanced_accuracy": bootstrap_interval(
+            _balanced_accuracy_of(predicted, val_labels), val_labels
+        ),
+        "perf/ece": bootstrap_interval(_ece_of(probabilities, val_labels), val_labels),
+    }
     return EvalResult(
         num_examples=int(val_images.shape[0]),
         loss=float(sic_loss(logits, val_labels)),
@@ -534,6 +643,9 @@ def evaluate_locally(
         accuracy=float((predicted == val_labels).float().mean()),
         auroc_global_support=auroc(global_logits, val_labels),
         local_support=local,
-        expected_calibration_error=expected_calibration_error(logits.sigmoid(), val_labels),
-        reliability=reliability_bins(logits.sigmoid(), val_labels),
+        expected_calibration_error=expected_calibration_error(probabilities, val_labels),
+        reliability=reliability_bins(probabilities, val_labels),
+        expected_calibration_error_raw=expected_calibration_error(raw, val_labels),
+        reliability_raw=reliability_bins(raw, val_labels),
+        intervals=intervals,
     )

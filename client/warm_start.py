@@ -23,6 +23,7 @@ import torch
 
 from client.config import SiteConfig
 from client.data import load_site_data, training_augmentation
+from client.device import site_device
 from sic_core import SICModel, anchor_support, create_model
 from sic_core.errors import ConfigError
 from sic_core.training import TrainConfig, TrainHistory, train_sic
@@ -85,6 +86,7 @@ def public_warm_start(
     lr: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
+    device: torch.device | None = None,
 ) -> WarmStart:
     """Train a fresh SIC model on the training splits of public sites.
 
@@ -101,6 +103,9 @@ def public_warm_start(
         The federation's model (must match its run config).
     epochs, lr, batch_size, seed
         Central training settings.
+    device
+        Where to train (default: the first site's ``compute.device``); the images stay on
+        the host and move to it batch by batch. The returned model is on the CPU.
 
     Raises
     ------
@@ -121,6 +126,8 @@ def public_warm_start(
             f"public warm start: the public sites have {len(next(iter(classes)))} classes, "
             f"the model {num_classes}"
         )
+    if device is None:
+        device = site_device(configs[0])
     started = time.perf_counter()
     images, labels = [], []
     for config in configs:
@@ -133,7 +140,7 @@ def public_warm_start(
     torch.manual_seed(seed)
     model = create_model(
         encoder, in_channels=1, num_classes=num_classes, n_shot=n_shot, proj_dim=proj_dim
-    )
+    ).to(device)
     log.info(
         "public warm start: %d images from %d sites, %d epochs",
         all_images.shape[0],
@@ -155,6 +162,7 @@ def public_warm_start(
         augment=augment,
         finalize_support=False,
     )
+    model.cpu()
     anchors = anchor_support(num_classes, n_shot, proj_dim, seed=seed)
     model.set_support(anchors.vectors, anchors.labels)
     return WarmStart(

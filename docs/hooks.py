@@ -61,6 +61,7 @@ def _code(text: object) -> str:
 _FAMILIES = (
     ("perf", "Performance (`perf/*`)"),
     ("xai", "Explanation quality (`xai/*`)"),
+    ("why", "Why similar (`why/*`)"),
     ("flag", "Outlier flags (`flag/*`)"),
     ("dp", "Privacy (`dp/*`)"),
     ("data", "Data (`data/*`)"),

@@ -254,6 +254,7 @@ def start_site(
     task_poll_interval: float | None = TASK_POLL_INTERVAL,
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
+    worker: bool | None = None,
 ) -> ManagedProcess:
     """Start one site's SuperNode through ``python -m client join`` on loopback.
 
@@ -261,7 +262,8 @@ def start_site(
     SuperExec's (``None``: Flower's 1 s); ``warm`` forks ClientApps from a warm launcher.
     Without ``root_certificates`` the site joins ``--insecure``; ``auth_key`` is its private
     key when the SuperLink authenticates sites. The site runs only the apps its config
-    approves (``federation.approved_apps``).
+    approves (``federation.approved_apps``). ``worker`` chooses ``join --worker`` or
+    ``--no-worker`` (``None``: join's default, on for a GPU site).
     """
     argv = [
         sys.executable,
@@ -284,6 +286,8 @@ def start_site(
         argv += ["--threads", str(threads)]
     if not warm:
         argv.append("--cold")
+    if worker is not None:
+        argv.append("--worker" if worker else "--no-worker")
     env = flower_env(None, task_poll_interval=task_poll_interval)
     return group.start(f"site-{name}", argv, log_path=log_path, env=env, cwd=_project_root())
 

@@ -259,6 +259,11 @@ def run_federation(
         support_round = ConfigRecord(dict(evaluate_config))
         replies = send(strategy.configure_support(server_round, arrays, support_round, grid))
         strategy.aggregate_support(server_round, replies)
+        calibration_round = ConfigRecord(dict(evaluate_config))
+        replies = send(
+            strategy.configure_calibration(server_round, arrays, calibration_round, grid)
+        )
+        strategy.aggregate_calibration(server_round, replies)
         replies = send(
             list(
                 strategy.configure_evaluate(
@@ -294,6 +299,9 @@ def run_federation(
                     "arrays": {k: torch.from_numpy(a.numpy().copy()) for k, a in arrays.items()},
                     "support_vectors": support.vectors if support is not None else None,
                     "support_labels": support.labels if support is not None else None,
+                    "calibration": (
+                        strategy.calibration.to_dict() if strategy.calibration else None
+                    ),
                     "aggregator": type(strategy.aggregator).__name__,
                     "aggregator_state": strategy.aggregator_state(),
                     "update_norm_history": (

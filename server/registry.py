@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import sic_core
+from sic_core.calibration import Calibration, calibrated_probabilities
 from sic_core.checkpoint import load_checkpoint as load_model_checkpoint
 from sic_core.checkpoint import save_checkpoint as save_model_checkpoint
 from sic_core.errors import ConfigError, SicfedError
@@ -158,8 +159,10 @@ class SicPyfuncModel(mlflow.pyfunc.PythonModel):
     returns a dict of numpy arrays:
 
     - ``prediction`` ``(N,)`` int64: ``argmax_c z_c``;
-    - ``probabilities`` ``(N, C)`` float32: ``sigmoid(z_c)``, one-vs-rest as the model is
-      trained with BCE (rows do not sum to 1);
+    - ``probabilities`` ``(N, C)`` float32: the calibrated class probabilities of
+      :func:`sic_core.calibration.calibrated_probabilities` with the run's last federated
+      calibration (rows sum to 1); a checkpoint without a calibration gives ``sigmoid(z_c)``,
+      one-vs-rest as the model is trained with BCE (rows do not sum to 1);
     - ``logits`` ``(N, C)`` float32: ``z_c = sum_{k: y_k = c} e_k + b``;
     - ``evidence`` ``(N, K)`` float32: ``e_k = sim(f(x), s_k) / T`` of each support vector;
     - ``support_labels`` ``(K,)`` int64: the class ``y_k`` of each support vector;
@@ -173,6 +176,7 @@ class SicPyfuncModel(mlflow.pyfunc.PythonModel):
     def __init__(self) -> None:
         self._model: SICModel | None = None
         self._image_size: int | None = None
+        self._calibration: Calibration | None = None
 
     def load_context(self, context: Any) -> None:
         """Rebuild the model from the checkpoint artifact (``weights_only`` load, CPU)."""
@@ -180,6 +184,8 @@ class SicPyfuncModel(mlflow.pyfunc.PythonModel):
         self._model = checkpoint.model.eval()
         size = checkpoint.metadata.get("image_size")
         self._image_size = int(size) if size else None
+        calibration = checkpoint.metadata.get("calibration")
+        self._calibration = Calibration.from_dict(calibration) if calibration else None
 
     @property
     def model(self) -> SICModel:
@@ -210,7 +216,11 @@ class SicPyfuncModel(mlflow.pyfunc.PythonModel):
         logits = class_scores(evidence, model.support_labels, model.num_classes) + model.logit_bias
         return {
             "prediction": logits.argmax(dim=1).numpy().astype(np.int64),
-            "probabilities": torch.sigmoid(logits).numpy(),
+            "probabilities": (
+                torch.sigmoid(logits)
+                if self._calibration is None
+                else calibrated_probabilities(logits, self._calibration).float()
+            ).numpy(),
             "logits": logits.numpy(),
             "evidence": evidence.numpy(),
             "support_labels": model.support_labels.numpy().astype(np.int64),
@@ -375,7 +385,12 @@ def register_global_model(
             model_file = save_model_checkpoint(
                 tmp_path / "sic_model.pt",
                 model,
-                metadata={"round": server_round, "image_size": image_size, "run_id": run_id},
+                metadata={
+                    "round": server_round,
+                    "image_size": image_size,
+                    "run_id": run_id,
+                    "calibration": state.get("calibration"),
+                },
             )
             local = tmp_path / "model"
             mlflow.pyfunc.save_model(

@@ -64,8 +64,11 @@ SERVER_FLAGS_FINDING = "Server outlier flags this round: "
 #: Per-site values shown in the federation summary (MLflow keys).
 SUMMARY_KEYS = (
     "perf/auroc",
+    "perf/auroc_ci_low",
+    "perf/auroc_ci_high",
     "perf/balanced_accuracy",
     "perf/ece",
+    "perf/ece_raw",
     str(XaiMetric.COMPLETENESS),
     str(XaiMetric.RMA_LIFT),
     str(XaiMetric.POINTING_GAME),

@@ -28,6 +28,7 @@ from server.settings import RunSettings
 from server.sites import SiteDirectory
 from server.strategy import SicStrategy, base_aggregator
 from server.update_bound import UpdateNormBound
+from sic_core.calibration import Calibration
 from sic_core.errors import ConfigError
 from sic_core.support import NO_INDEX, SupportSet
 
@@ -99,8 +100,8 @@ def round_arrays(state: dict[str, Any]) -> ArrayRecord:
 def restore_strategy(strategy: SicStrategy, state: dict[str, Any]) -> None:
     """Put the strategy back into its state after the checkpoint's round.
 
-    Restores the global support set, the server-optimiser moments, the update-bound
-    history and the node-to-site map.
+    Restores the global support set, the global calibration, the server-optimiser moments,
+    the update-bound history and the node-to-site map.
 
     Raises
     ------
@@ -120,6 +121,8 @@ def restore_strategy(strategy: SicStrategy, state: dict[str, Any]) -> None:
             labels=labels,
             indices=torch.full_like(labels, NO_INDEX),
         )
+    if state.get("calibration"):
+        strategy.calibration = Calibration.from_dict(state["calibration"])
     for name, moments in (state.get("aggregator_state") or {}).items():
         setattr(aggregator, name, {key: np.array(value.numpy()) for key, value in moments.items()})
     if strategy.update_bound is not None:

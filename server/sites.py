@@ -11,9 +11,9 @@ import logging
 
 from flwr.app import ConfigRecord, Message
 
-from sic_core.wire import RecordKey, SiteKey
+from sic_core.wire import SITE_DEVICE_PATTERN, RecordKey, SiteKey
 
-__all__ = ["SiteDirectory", "site_name_in"]
+__all__ = ["SiteDirectory", "site_device_in", "site_name_in"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,20 @@ def site_name_in(reply: Message) -> str | None:
         return None
     name = record.get(str(SiteKey.NAME))
     return name if isinstance(name, str) and name else None
+
+
+def site_device_in(reply: Message) -> str | None:
+    """The device label a reply carries (``cpu``, ``cuda:0 <GPU model>``), ``None`` if it
+    has none or one that is not a device label (nothing else is logged)."""
+    if not reply.has_content():
+        return None
+    record = reply.content.get(str(RecordKey.SITE))
+    if not isinstance(record, ConfigRecord):
+        return None
+    device = record.get(str(SiteKey.DEVICE))
+    if not isinstance(device, str) or SITE_DEVICE_PATTERN.fullmatch(device) is None:
+        return None
+    return device
 
 
 class SiteDirectory:

@@ -13,12 +13,16 @@ what SIC and a hospital network need around it:
 - replies sorted by site before aggregation, so the aggregate does not depend on arrival
   order;
 - the support phase (``query.support``): per-class cluster statistics from every site,
-  merged into global support vectors by weighted k-means.
+  merged into global support vectors by weighted k-means;
+- the calibration phase (``query.calibration``): binned validation margins from every site,
+  added up and fitted into one global calibration of the probabilities
+  (:mod:`sic_core.calibration`), sent with every ``evaluate`` message.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -50,18 +54,25 @@ from flwr.serverapp.strategy import (
 )
 
 from server.messaging import wait_for_nodes
-from server.sites import SiteDirectory, site_name_in
+from server.sites import SiteDirectory, site_device_in, site_name_in
 from server.update_bound import UpdateNormBound
 from server.validation import (
     Rejection,
+    check_calibration_reply,
     check_eval_reply,
     check_support_reply,
     check_train_reply,
     report_of,
 )
+from sic_core.calibration import (
+    Calibration,
+    MarginHistogram,
+    fit_calibration,
+    merge_histograms,
+)
 from sic_core.errors import ConfigError
 from sic_core.support import ClusterStatistics, SupportSet, merge_cluster_statistics
-from sic_core.wire import ArrayKey, EvalMetric, QueryName, RecordKey, parse_error
+from sic_core.wire import ArrayKey, ConfigKey, EvalMetric, QueryName, RecordKey, parse_error
 
 __all__ = [
     "KRUM_STRATEGIES",
@@ -115,6 +126,7 @@ KRUM_STRATEGIES = ("krum", "multikrum")
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 
 SUPPORT_MESSAGE_TYPE = f"{MessageType.QUERY}.{QueryName.SUPPORT}"
+CALIBRATION_MESSAGE_TYPE = f"{MessageType.QUERY}.{QueryName.CALIBRATION}"
 
 #: Reason codes for error replies that Flower itself produced (their text is Flower's).
 FLOWER_ERRORS: dict[int, str] = {
@@ -131,6 +143,7 @@ class Phase:
 
     TRAIN = "train"
     SUPPORT = "support"
+    CALIBRATION = "calibration"
     EVALUATE = "evaluate"
 
 
@@ -290,6 +303,9 @@ class SiteOutcome:
     report
         The site's round report (accepted ``evaluate`` replies only; redacted unless the
         site shares example images).
+    device
+        The device the site computed on (``cpu``, ``cuda:0 <GPU model>``; ``ok`` replies
+        of sites that name it only, else empty).
     """
 
     site: str
@@ -297,6 +313,7 @@ class SiteOutcome:
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] | None = None
+    device: str = ""
 
 
 @dataclass(frozen=True)
@@ -377,6 +394,8 @@ class SicStrategy(Strategy):
         self.sites = sites if sites is not None else SiteDirectory()
         #: Current global support set (set by the support phase).
         self.support: SupportSet | None = None
+        #: Current global calibration (set by the calibration phase; ``None`` before it).
+        self.calibration: Calibration | None = None
         #: Latest report per phase.
         self.reports: dict[str, PhaseReport] = {}
         self._sent_arrays: ArrayRecord | None = None
@@ -452,11 +471,67 @@ class SicStrategy(Strategy):
         self._note_disconnected(Phase.SUPPORT, grid)
         return messages
 
+    def configure_calibration(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Ask every connected site for its binned validation margins under ``arrays`` and
+        the current global support set."""
+        self._wait(grid)
+        config = ConfigRecord(dict(config))
+        config["server-round"] = server_round
+        nodes = sorted(grid.get_node_ids())
+        content = RecordDict({str(RecordKey.ARRAYS): arrays, str(RecordKey.CONFIG): config})
+        messages = self._with_support(
+            Message(content=content, dst_node_id=node, message_type=CALIBRATION_MESSAGE_TYPE)
+            for node in nodes
+        )
+        self._expected[Phase.CALIBRATION] = nodes
+        self._note_disconnected(Phase.CALIBRATION, grid)
+        return messages
+
+    def aggregate_calibration(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> Calibration | None:
+        """Add up the sites' margin counts and fit the round's global calibration.
+
+        Integer counts, so the sum and the fit do not depend on the order of the replies.
+        Returns ``None`` (and keeps the previous calibration) when no site replied validly.
+        """
+        accepted, _ = self.review(
+            Phase.CALIBRATION,
+            server_round,
+            replies,
+            lambda content: check_calibration_reply(content, num_classes=self.num_classes),
+        )
+        if not accepted:
+            log.warning("calibration round %d: no valid reply; keeping the last", server_round)
+            return None
+        histograms = [
+            MarginHistogram(
+                torch.from_numpy(
+                    reply.content[str(RecordKey.STATS)][str(ArrayKey.MARGIN_COUNTS)].numpy().copy()
+                )
+            )
+            for reply in accepted
+        ]
+        self.calibration = fit_calibration(merge_histograms(histograms))
+        log.info(
+            "calibration round %d: slopes %s from %d cases",
+            server_round,
+            [round(a, 3) for a in self.calibration.slopes],
+            self.calibration.cases,
+        )
+        return self.calibration
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample sites (bounded wait) and send weights, global support and round config."""
+        """Sample sites (bounded wait) and send weights, global support, the global
+        calibration and round config."""
         self._wait(grid)
+        if self.calibration is not None:
+            config = ConfigRecord(dict(config))
+            config[str(ConfigKey.CALIBRATION)] = json.dumps(self.calibration.to_dict())
         messages = self._with_support(
             self.aggregator.configure_evaluate(server_round, arrays, config, grid)
         )
@@ -527,6 +602,7 @@ class SicStrategy(Strategy):
                     status="ok",
                     metrics={key: float(value) for key, value in metrics.items()},
                     report=report_of(reply.content) if phase == Phase.EVALUATE else None,
+                    device=site_device_in(reply) or "",
                 )
             )
             accepted.append((site, reply))

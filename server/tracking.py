@@ -26,6 +26,7 @@ from server.strategy import PhaseReport
 from sic_core.wire import EvalMetric, SupportMetric, TrainMetric
 
 __all__ = [
+    "DEVICE_TAG",
     "EXPERIMENT_KIND",
     "EXPERIMENT_KIND_TAG",
     "SITE_METRIC_NAMES",
@@ -66,6 +67,9 @@ SITE_METRIC_NAMES: dict[str, dict[str, str]] = {
         EvalMetric.AUROC_GLOBAL_SUPPORT: "perf/auroc_global_support",
         EvalMetric.LOCAL_SUPPORTS: "support/local_supports",
         EvalMetric.ECE: "perf/ece",
+        EvalMetric.ECE_RAW: "perf/ece_raw",
+        EvalMetric.AUROC_CI_LOW: "perf/auroc_ci_low",
+        EvalMetric.AUROC_CI_HIGH: "perf/auroc_ci_high",
         EvalMetric.SECONDS: "time/eval_s",
         EvalMetric.STARTUP: "time/eval_startup_s",
         EvalMetric.XAI_SECONDS: "time/xai_s",
@@ -73,9 +77,14 @@ SITE_METRIC_NAMES: dict[str, dict[str, str]] = {
 }
 
 
+#: Tag of a site's child run: the device it computed on, as the site names it (``cpu``,
+#: ``cuda:0 <GPU model>``); set when first seen and whenever it changes.
+DEVICE_TAG = "sicfed.device"
+
+
 def site_metric_name(phase: str, key: str) -> str | None:
     """The MLflow key of a site's wire metric (``xai/*`` keep theirs), ``None`` if not logged."""
-    if phase == "evaluate" and key.startswith("xai/"):
+    if phase == "evaluate" and key.startswith(("xai/", "why/")):
         return key
     return SITE_METRIC_NAMES[phase].get(key)
 
@@ -135,6 +144,7 @@ class MlflowTracker:
         self.experiment_id = ""
         self.parent_run_id = ""
         self.site_run_ids: dict[str, str] = {}
+        self.site_devices: dict[str, str] = {}
 
     def start(self) -> str:
         """Create (or find) the experiment and open the parent run; return its id.
@@ -198,9 +208,20 @@ class MlflowTracker:
         summary: dict[str, float],
         flags: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
-        """Log each site's metrics and outlier flags (``step=server_round``) and the summary."""
+        """Log each site's metrics and outlier flags (``step=server_round``) and the summary.
+
+        A site's device (:data:`DEVICE_TAG`) is tagged on its child run when it first
+        names one and when it changes.
+        """
         stamp = int(time.time() * 1000)
+        reports = tuple(reports)
         per_site: dict[str, list[Metric]] = {}
+        devices = {
+            outcome.site: outcome.device
+            for report in reports
+            for outcome in report.outcomes
+            if outcome.device and self.site_devices.get(outcome.site) != outcome.device
+        }
         for site, site_flags in (flags or {}).items():
             per_site.setdefault(site, []).extend(
                 Metric(key, float(value), stamp, server_round) for key, value in site_flags.items()
@@ -221,6 +242,9 @@ class MlflowTracker:
                     if name is not None and math.isfinite(value):
                         metrics.append(Metric(name, value, stamp, server_round))
         try:
+            for site, device in sorted(devices.items()):
+                self.client.set_tag(self.site_run(site), DEVICE_TAG, device)
+                self.site_devices[site] = device
             for site, metrics in sorted(per_site.items()):
                 self.client.log_batch(self.site_run(site), metrics=metrics)
             self.client.log_batch(
@@ -305,7 +329,7 @@ def read_federation(client: MlflowClient, parent_run_id: str, scratch: Path) -> 
         site = child.data.tags.get("sicfed.site") or child.info.run_name.removeprefix("site-")
         for key in child.data.metrics:
             is_flag = key.startswith("flag/")
-            if not (is_flag or key.startswith(("perf/", "xai/"))):
+            if not (is_flag or key.startswith(("perf/", "xai/", "why/"))):
                 continue
             target = stored.flags if is_flag else stored.values
             for metric in client.get_metric_history(child.info.run_id, key):

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from sic_core.calibration import MARGIN_EDGES
 from sic_core.wire import (
+    CALIBRATION_METRIC_KEYS,
     SITE_NAME_PATTERN,
     SUPPORT_METRIC_KEYS,
     TRAIN_METRIC_KEYS,
     ArrayKey,
+    CalibrationMetric,
     EvalMetric,
     RecordKey,
     ReportKey,
@@ -27,11 +30,12 @@ from sic_core.wire import (
     SupportMetric,
     TrainMetric,
     eval_metric_keys,
-    xai_metric_keys,
+    eval_nan_allowed_keys,
 )
 
 __all__ = [
     "Rejection",
+    "check_calibration_reply",
     "check_eval_reply",
     "check_support_reply",
     "check_train_reply",
@@ -200,6 +204,26 @@ def check_support_reply(
     return None
 
 
+def check_calibration_reply(content: RecordDict, *, num_classes: int) -> Rejection | None:
+    """Check a ``query.calibration`` reply: binned margin counts ``(C, 2, bins)``, int64,
+    non-negative, each class's bins adding up to the images binned."""
+    problem = _site_and_metrics(
+        content, CALIBRATION_METRIC_KEYS, str(CalibrationMetric.NUM_EXAMPLES)
+    )
+    if problem is not None:
+        return problem
+    bins = MARGIN_EDGES.numel() - 1
+    expected = {str(ArrayKey.MARGIN_COUNTS): ((num_classes, 2, bins), np.dtype(np.int64))}
+    arrays, problem = _arrays_match(content.get(str(RecordKey.STATS)), expected, "stats")
+    if problem is not None or arrays is None:
+        return problem
+    counts = arrays[str(ArrayKey.MARGIN_COUNTS)]
+    cases = int(content[str(RecordKey.METRICS)][str(CalibrationMetric.NUM_EXAMPLES)])
+    if (counts < 0).any() or not (counts.sum(axis=(1, 2)) == cases).all():
+        return Rejection("bad_counts", "margin counts are negative or do not add up")
+    return None
+
+
 def check_eval_reply(content: RecordDict, *, num_classes: int) -> Rejection | None:
     """Check an ``evaluate`` reply: fixed metric schema, rates in ``[0, 1]``, one report.
 
@@ -211,7 +235,7 @@ def check_eval_reply(content: RecordDict, *, num_classes: int) -> Rejection | No
         content,
         eval_metric_keys(num_classes),
         str(EvalMetric.NUM_EXAMPLES),
-        nan_allowed=xai_metric_keys(num_classes),
+        nan_allowed=eval_nan_allowed_keys(num_classes),
     )
     if problem is not None:
         return problem

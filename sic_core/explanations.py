@@ -156,7 +156,8 @@ def explain(
     model
         A :class:`SICModel` with its support vectors set.
     x
-        ``(B, C_in, H, W)`` float images in ``[0, 1]``.
+        ``(B, C_in, H, W)`` float images in ``[0, 1]`` (on any device: they are explained on
+        the model's, in float32, and the results come back to the CPU).
     target
         ``(B,)`` class per image for ``input_gradient`` (default: the predicted class).
     per_support
@@ -172,7 +173,7 @@ def explain(
     """
     labels = model.support_labels
     with _explaining(model):
-        encoded = model.encode(x).detach().requires_grad_(True)
+        encoded = model.encode(x.to(labels.device)).detach().requires_grad_(True)
         evidence = model.evidence(model.embedder(encoded))
         # Class scores are sums of evidence, so their maps are the sums of the support maps.
         outputs = evidence if per_support else class_scores(evidence, labels, model.num_classes)
@@ -239,7 +240,8 @@ def explain_support(model: SICModel, support_images: Tensor) -> SupportExplanati
             f"support vector), got {support_images.shape[0]}"
         )
     with _explaining(model):
-        encoded = model.encode(support_images).detach().requires_grad_(True)
+        device = model.support_vectors.device
+        encoded = model.encode(support_images.to(device)).detach().requires_grad_(True)
         own = model.similarities(model.embedder(encoded)).diagonal()
         (gradient,) = torch.autograd.grad(own.sum(), encoded)
     maps = (gradient * encoded).sum(dim=1)

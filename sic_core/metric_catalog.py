@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sic_core.wire import EvalMetric, SupportMetric, TrainMetric, XaiMetric
+from sic_core.wire import EvalMetric, SupportMetric, TrainMetric, WhyMetric, XaiMetric
 
 __all__ = [
     "METRICS",
@@ -211,14 +211,72 @@ METRICS: tuple[MetricDefinition, ...] = (
     MetricDefinition(
         key="perf/ece",
         name="Expected calibration error",
-        meaning="How far the predicted confidence is from the observed accuracy.",
-        formula="sum over 15 equal confidence bins of (bin share) x |accuracy - confidence|",
-        value_range="0 to 1",
+        meaning="How far the calibrated probabilities' confidence is from the observed "
+        "accuracy (the probabilities the report and the registered model show).",
+        formula="sum over 15 equal confidence bins of (bin share) x |accuracy - confidence|, "
+        "confidence = the calibrated probability of the predicted class (the round's "
+        "federated temperature of the logit margin)",
+        value_range="0 to 1; on 30-60 cases even a perfectly calibrated model shows 0.1-0.15",
         direction=Direction.LOWER,
         action="Above about 0.1: the probabilities should not be read as risks at this site; "
-        "read the reliability diagram in section 4 of the report.",
+        "read the reliability diagrams in section 4 of the report and the interval.",
         phase="evaluate",
         wire_key=EvalMetric.ECE,
+    ),
+    MetricDefinition(
+        key="perf/ece_raw",
+        name="Expected calibration error before calibration",
+        meaning="The same error for the uncalibrated scores (the per-class sigmoids "
+        "normalised over classes).",
+        formula="as `perf/ece`, confidence = sigmoid(z_c) / sum_c' sigmoid(z_c') of the "
+        "predicted class",
+        value_range="0 to 1",
+        direction=Direction.NEITHER,
+        action="Compare it with `perf/ece`: the gap is what the federated calibration corrects.",
+        phase="evaluate",
+        wire_key=EvalMetric.ECE_RAW,
+    ),
+    MetricDefinition(
+        key="perf/auroc_ci_low",
+        name="AUROC, lower 95 % bound",
+        meaning="Lower end of the 95 % confidence interval of `perf/auroc`.",
+        formula="DeLong's interval (Newcombe's score interval where the AUROC is 0 or 1); "
+        "absent where a class has fewer than 10 validation cases",
+        value_range="0 to 1",
+        direction=Direction.HIGHER,
+        action="A wide interval means too few validation cases to compare sites on AUROC.",
+        phase="evaluate",
+        wire_key=EvalMetric.AUROC_CI_LOW,
+    ),
+    MetricDefinition(
+        key="perf/auroc_ci_high",
+        name="AUROC, upper 95 % bound",
+        meaning="Upper end of the 95 % confidence interval of `perf/auroc`.",
+        formula="as `perf/auroc_ci_low`",
+        value_range="0 to 1",
+        direction=Direction.NEITHER,
+        action="Read with `perf/auroc_ci_low`.",
+        phase="evaluate",
+        wire_key=EvalMetric.AUROC_CI_HIGH,
+    ),
+    *(
+        MetricDefinition(
+            key=str(key),
+            name=f"Why similar: {key.removeprefix('why/')}",
+            meaning=f"How much the model's similarity between audit cases and their top "
+            f"supports rests on {key.removeprefix('why/')}.",
+            formula="mean over the audit cases' three strongest supports of drop_p / "
+            "sum_q |drop_q|, drop_p = similarity minus its mean when property p is "
+            "perturbed (both directions, case side and support side)",
+            value_range="-1 to 1; the five values' magnitudes sum to at most 1",
+            direction=Direction.NEITHER,
+            action="A profile that differs from the other sites' (or a support's from the "
+            "others') means the model matches cases for another reason there: look at the "
+            "gallery's why-similar lines.",
+            phase="evaluate",
+            wire_key=key,
+        )
+        for key in WhyMetric
     ),
     MetricDefinition(
         key="perf/mean_site_auroc",

@@ -73,7 +73,8 @@ padding:.25em .6em;text-align:left;font-variant-numeric:tabular-nums}th{backgrou
 align-items:start;border:1px solid #dde3ee;padding:.6em;margin:.6em 0}
 .case img{width:160px;height:160px;image-rendering:pixelated;border:1px solid #ccd}
 .case svg{max-width:100%;height:auto}.supports{display:flex;flex-direction:column;gap:.4em}
-.supports img{width:72px;height:72px}.thumbs{display:flex;flex-wrap:wrap;gap:1em}
+.supports img{width:72px;height:72px}.why{font-size:.8em;color:#33405a;max-width:220px;
+text-align:left}.thumbs{display:flex;flex-wrap:wrap;gap:1em}
 .thumbs img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #ccd}
 figure{margin:0;text-align:center;font-size:.85em}
 .note{background:#f7f9fc;border-left:4px solid #6b8cce;padding:.5em 1em}
@@ -97,6 +98,13 @@ def _number(value: object, digits: int = 4) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.{digits}g}"
     return _escape(value)
+
+
+def _interval_cell(ci: object) -> str:
+    """A "95% CI" cell: ``[low, high]`` from a pair, a note (``"n<10"``) as it is, else "-"."""
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(_is_number(v) for v in ci):
+        return f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+    return ci if isinstance(ci, str) else "-"
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -259,6 +267,21 @@ def _reliability_diagram(bins: Sequence[Mapping[str, float]], *, size: int = 180
     return "".join(parts)
 
 
+def _reliability_section(performance: Mapping[str, Any]) -> str:
+    """The reliability diagram; before and after calibration side by side when both exist."""
+    calibrated = _reliability_diagram(performance.get("reliability", []))
+    if "reliability_raw" not in performance:
+        return "<p>Reliability diagram (accuracy per confidence bin):</p>" + calibrated
+    raw = _reliability_diagram(performance.get("reliability_raw", []))
+    return (
+        "<p>Reliability diagrams (accuracy per confidence bin), before and after the "
+        "federated calibration of the probabilities:</p>"
+        f'<div class="thumbs"><figure>{raw}<figcaption>raw (sigmoids normalised over '
+        f"classes)</figcaption></figure><figure>{calibrated}<figcaption>calibrated"
+        "</figcaption></figure></div>"
+    )
+
+
 def _image(data_uri: str | None, alt: str) -> str:
     if not data_uri or not data_uri.startswith("data:image/png;base64,"):
         return ""
@@ -320,6 +343,7 @@ def _dashboard(rows: Sequence[Mapping[str, Any]]) -> str:
         "metric",
         "direction",
         "value",
+        "95% CI",
         "threshold",
         "change",
         "rank among sites",
@@ -333,7 +357,7 @@ def _dashboard(rows: Sequence[Mapping[str, Any]]) -> str:
         cells.append(
             "<tr>"
             f'<td>{_metric_cell(key)}</td><td class="muted">{_direction_cell(key)}</td>'
-            f"<td>{value}</td>"
+            f"<td>{value}</td><td>{_escape(_interval_cell(row.get('ci')))}</td>"
             f"<td>{_number(row.get('threshold'))}</td><td>{_number(row.get('change'))}</td>"
             f"<td>{_number(row.get('rank'))}</td>"
             f"<td>{_line_chart(row.get('trend', []), row.get('band'), rounds=row.get('rounds'))}"
@@ -348,7 +372,7 @@ def _performance_table(metrics: Sequence[Mapping[str, Any]]) -> str:
     rows = "".join(
         f"<tr><td>{_metric_cell(str(m.get('key', '')))}</td>"
         f'<td class="muted">{_direction_cell(str(m.get("key", "")))}</td>'
-        f"<td>{_number(m.get('value'))}</td><td>{_number(m.get('ci', '-'))}</td>"
+        f"<td>{_number(m.get('value'))}</td><td>{_escape(_interval_cell(m.get('ci')))}</td>"
         f"<td>{_number(m.get('previous'))}</td></tr>"
         for m in metrics
     )
@@ -367,7 +391,7 @@ def _gallery(cases: Sequence[Mapping[str, Any]]) -> str:
             f"<figure>{_image(s.get('png'), 'support sample')}"
             f"{_image(s.get('map_png'), 'support map')}"
             f"<figcaption>{_escape(s.get('label', ''))}: e={_number(s.get('evidence'))}"
-            "</figcaption></figure>"
+            f"{_why(s.get('why'))}</figcaption></figure>"
             for s in case.get("supports", [])
         )
         blocks.append(
@@ -382,10 +406,41 @@ def _gallery(cases: Sequence[Mapping[str, Any]]) -> str:
     return "".join(blocks) or '<p class="muted">no cases</p>'
 
 
+def _why(why: object, *, prefix: str = "") -> str:
+    """A support's "why similar" line and a small signed bar per property."""
+    if not isinstance(why, Mapping):
+        return ""
+    influence = why.get("influence", {})
+    bars = [(str(p), float(v)) for p, v in influence.items() if _is_number(v)]
+    width, row, label_w = 150, 11, 58
+    half = (width - label_w) / 2
+    parts = [
+        f'<svg width="{width}" height="{row * len(bars) + 2}" role="img" '
+        f'aria-label="why similar"><line x1="{label_w + half}" y1="0" x2="{label_w + half}" '
+        f'y2="{row * len(bars)}" stroke="#999"/>'
+    ]
+    for i, (label, value) in enumerate(bars):
+        length = min(abs(value), 1.0) * (half - 2)
+        x = label_w + half if value >= 0 else label_w + half - length
+        colour = "#c0392b" if value >= 0 else "#2e6fd8"
+        parts.append(
+            f'<text x="0" y="{i * row + 9}" font-size="9">{_escape(label)}</text>'
+            f'<rect x="{x:.1f}" y="{i * row + 1}" width="{length:.1f}" height="{row - 3}" '
+            f'fill="{colour}"/>'
+        )
+    parts.append("</svg>")
+    return (
+        f'<div class="why">{_escape(prefix)}{_escape(why.get("line", ""))}</div>' + "".join(parts)
+        if bars
+        else ""
+    )
+
+
 def _support_gallery(supports: Sequence[Mapping[str, Any]]) -> str:
     figures = "".join(
         f"<figure>{_image(s.get('png'), 'support')}{_image(s.get('map_png'), 'support map')}"
-        f"<figcaption>{_escape(s.get('label', ''))}</figcaption></figure>"
+        f"<figcaption>{_escape(s.get('label', ''))}"
+        f"{_why(s.get('why'), prefix='over the audit set: ')}</figcaption></figure>"
         for s in supports
     )
     return f'<div class="thumbs">{figures}</div>' if figures else ""
@@ -437,8 +492,7 @@ def render_report_html(report: Mapping[str, Any]) -> str:
         )
         + _table(["quarantine reason", "files"], sorted(data_sheet.get("quarantine", {}).items())),
         "performance": _performance_table(performance.get("metrics", []))
-        + "<p>Reliability diagram (accuracy per confidence bin):</p>"
-        + _reliability_diagram(performance.get("reliability", [])),
+        + _reliability_section(performance),
         "explanation-quality": _dashboard(report.get("xai", []))
         + _metric_reference(
             [str(m.get("key", "")) for m in report.get("xai", [])]
@@ -485,6 +539,27 @@ def _summary_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     )
 
 
+#: Shown inside another column's cell (the AUROC's interval, the ECE's raw value), so the
+#: round tables keep their width.
+_MERGED_COLUMNS = frozenset({"perf/auroc_ci_low", "perf/auroc_ci_high", "perf/ece_raw"})
+
+
+def _summary_cell(row: Mapping[str, Any], column: str) -> str:
+    """A summary value; the AUROC with its 95 % interval ("no CI" where it was withheld)
+    and the calibrated ECE with the raw one, each on a second line."""
+    cell = _number(row.get(column))
+    if not _is_number(row.get(column)):
+        return cell
+    if column == "perf/auroc":
+        low, high = row.get("perf/auroc_ci_low"), row.get("perf/auroc_ci_high")
+        note = _interval_cell([low, high]) if _is_number(low) and _is_number(high) else "no CI"
+    elif column == "perf/ece" and _is_number(row.get("perf/ece_raw")):
+        note = f"raw {_number(row.get('perf/ece_raw'), 3)}"
+    else:
+        return cell
+    return f'{cell}<br><span class="muted">{_escape(note)}</span>'
+
+
 def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
     """The federation summary (``server.reports.federation_summary``) as one HTML page.
 
@@ -493,7 +568,7 @@ def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
     uses the window's full width; a table wider still scrolls inside it, so no column is cut
     off.
     """
-    columns = list(summary.get("columns", []))
+    columns = [c for c in summary.get("columns", []) if c not in _MERGED_COLUMNS]
     rows = list(summary.get("rows", []))
     title = f"SIC federation summary: {summary.get('run', '')}"
     flagged = summary.get("flagged_sites_last_round", [])
@@ -517,7 +592,7 @@ def render_federation_summary_html(summary: Mapping[str, Any]) -> str:
                         f'<span class="flag">{_escape(", ".join(row.get("flags", [])))}</span>'
                         if row.get("flags")
                         else '<span class="muted">none</span>',
-                        *(_number(row.get(c)) for c in columns),
+                        *(_summary_cell(row, c) for c in columns),
                     ]
                     for row in in_round
                 ],

@@ -11,7 +11,11 @@ One round exchanges three messages per site (server -> site | site -> server):
 - ``query.support``: ``arrays``, ``support``, ``config`` | ``stats`` (per-class cluster sums
   and counts),
   ``metrics`` (:class:`SupportMetric`), ``site``.
-- ``evaluate``: ``arrays``, ``support``, ``config`` | ``metrics`` (:class:`EvalMetric` plus
+- ``query.calibration``: ``arrays``, ``support`` (the new global support set), ``config`` |
+  ``stats`` (:attr:`ArrayKey.MARGIN_COUNTS`: binned validation margins,
+  :mod:`sic_core.calibration`), ``metrics`` (:class:`CalibrationMetric`), ``site``.
+- ``evaluate``: ``arrays``, ``support``, ``config`` (with :attr:`ConfigKey.CALIBRATION`) |
+  ``metrics`` (:class:`EvalMetric` plus
   the explanation-quality keys of :func:`xai_metric_keys`), ``report`` (the site's round
   report, redacted unless the site allows sharing example images), ``site``.
 
@@ -26,13 +30,16 @@ import re
 from enum import StrEnum
 
 __all__ = [
+    "CALIBRATION_METRIC_KEYS",
     "ERROR_REASON_PATTERN",
     "EVAL_METRIC_KEYS",
+    "SITE_DEVICE_PATTERN",
     "SITE_NAME_PATTERN",
     "SUPPORT_BUFFER_KEYS",
     "SUPPORT_METRIC_KEYS",
     "TRAIN_METRIC_KEYS",
     "ArrayKey",
+    "CalibrationMetric",
     "ConfigKey",
     "ErrorReason",
     "EvalMetric",
@@ -42,8 +49,10 @@ __all__ = [
     "SiteKey",
     "SupportMetric",
     "TrainMetric",
+    "WhyMetric",
     "XaiMetric",
     "eval_metric_keys",
+    "eval_nan_allowed_keys",
     "format_error",
     "is_error_reason",
     "parse_error",
@@ -90,12 +99,15 @@ class ArrayKey(StrEnum):
     #: ``(C, n_shot)`` float32 number of images in each cluster (Gaussian-noised under DP,
     #: so possibly fractional or negative).
     COUNTS = "counts"
+    #: ``(C, 2, bins)`` int64 binned validation margins (``sic_core.calibration``).
+    MARGIN_COUNTS = "margin-counts"
 
 
 class QueryName(StrEnum):
     """Names of ``query`` handlers (message type ``query.<name>``)."""
 
     SUPPORT = "support"
+    CALIBRATION = "calibration"
 
 
 class ConfigKey(StrEnum):
@@ -121,6 +133,9 @@ class ConfigKey(StrEnum):
     DP = "dp"
     #: Rounds (from the first) whose local epochs train against the public class anchors.
     ANCHOR_ROUNDS = "anchor-rounds"
+    #: The round's global calibration (``evaluate`` only): JSON of
+    #: :meth:`sic_core.calibration.Calibration.to_dict`; absent before the first fit.
+    CALIBRATION = "calibration"
 
 
 class SiteKey(StrEnum):
@@ -128,6 +143,10 @@ class SiteKey(StrEnum):
 
     #: The site's pseudonym from its config (``SiteConfig.name``).
     NAME = "name"
+    #: The device the site computed on: ``cpu``, or ``cuda:N`` and the GPU's model name
+    #: (:data:`SITE_DEVICE_PATTERN`; nothing that identifies the machine). Optional: a site
+    #: of an older version sends none.
+    DEVICE = "device"
 
 
 class TrainMetric(StrEnum):
@@ -163,6 +182,15 @@ class SupportMetric(StrEnum):
     STARTUP = "support.startup-seconds"
 
 
+class CalibrationMetric(StrEnum):
+    """Fixed schema of a ``query.calibration`` reply's ``MetricRecord``."""
+
+    #: Validation images binned.
+    NUM_EXAMPLES = "num-examples"
+    SECONDS = "calibration.seconds"
+    STARTUP = "calibration.startup-seconds"
+
+
 class EvalMetric(StrEnum):
     """Fixed schema of an ``evaluate`` reply's ``MetricRecord``."""
 
@@ -180,8 +208,13 @@ class EvalMetric(StrEnum):
     AUROC_GLOBAL_SUPPORT = "val.auroc-global-support"
     #: Support vectors replaced by a real local image (classes absent here keep the global).
     LOCAL_SUPPORTS = "val.local-supports"
-    #: Expected calibration error over 15 bins.
+    #: Expected calibration error over 15 bins, of the calibrated probabilities.
     ECE = "val.ece"
+    #: The same of the raw probabilities (sigmoids normalised over classes).
+    ECE_RAW = "val.ece-raw"
+    #: 95 % interval of ``AUROC``; ``nan`` where the small-cell rule withholds it.
+    AUROC_CI_LOW = "val.auroc-ci-low"
+    AUROC_CI_HIGH = "val.auroc-ci-high"
     SECONDS = "val.seconds"
     STARTUP = "val.startup-seconds"
     #: Seconds of the explanation-quality metrics and the report (part of ``SECONDS``).
@@ -214,6 +247,17 @@ class XaiMetric(StrEnum):
     DRIFT_TO_GLOBAL = "xai/drift_to_global"
 
 
+class WhyMetric(StrEnum):
+    """Mean "why similar" influence per property over a site's gallery supports (the MLflow
+    keys; :mod:`sic_core.why_similar`): signed, normalised so the five magnitudes sum to 1."""
+
+    INTENSITY = "why/intensity"
+    CONTRAST = "why/contrast"
+    TEXTURE = "why/texture"
+    SHAPE = "why/shape"
+    POSITION = "why/position"
+
+
 def support_jaccard_key(class_index: int) -> str:
     """``xai/support_jaccard/c<class>``: this round's vs last round's support image ids."""
     return f"xai/support_jaccard/c{class_index}"
@@ -226,7 +270,16 @@ def xai_metric_keys(num_classes: int) -> frozenset[str]:
 
 def eval_metric_keys(num_classes: int) -> frozenset[str]:
     """The full metric schema of an ``evaluate`` reply."""
-    return EVAL_METRIC_KEYS | xai_metric_keys(num_classes)
+    return EVAL_METRIC_KEYS | xai_metric_keys(num_classes) | frozenset(WhyMetric)
+
+
+def eval_nan_allowed_keys(num_classes: int) -> frozenset[str]:
+    """Keys of an ``evaluate`` reply that may be ``nan`` ("does not apply" or withheld)."""
+    return (
+        xai_metric_keys(num_classes)
+        | frozenset(WhyMetric)
+        | {str(EvalMetric.AUROC_CI_LOW), str(EvalMetric.AUROC_CI_HIGH)}
+    )
 
 
 #: State-dict entries that never travel in ``arrays`` (the support set has its own record).
@@ -234,6 +287,7 @@ SUPPORT_BUFFER_KEYS: frozenset[str] = frozenset({"support_vectors", "support_lab
 
 TRAIN_METRIC_KEYS: frozenset[str] = frozenset(TrainMetric)
 SUPPORT_METRIC_KEYS: frozenset[str] = frozenset(SupportMetric)
+CALIBRATION_METRIC_KEYS: frozenset[str] = frozenset(CalibrationMetric)
 EVAL_METRIC_KEYS: frozenset[str] = frozenset(EvalMetric)
 
 
@@ -259,6 +313,10 @@ ERROR_REASON_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 #: What a site pseudonym looks like (the same rule as ``SiteConfig.name``).
 SITE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+#: What a site's device label looks like (:attr:`SiteKey.DEVICE`): ``cpu`` or ``cuda:N``
+#: followed by the GPU's model name in a fixed alphabet, e.g. ``cuda:0 NVIDIA H100 80GB HBM3``.
+SITE_DEVICE_PATTERN = re.compile(r"cpu|cuda:[0-9]{1,2}( [A-Za-z0-9 ._()-]{1,64})?")
 
 
 def is_error_reason(value: str) -> bool:

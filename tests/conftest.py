@@ -1,4 +1,4 @@
-"""Headless Chromium for the tests that look at rendered reports.
+"""Headless Chromium for the tests that look at rendered reports; the ``gpu`` marker's rule.
 
 In CI (``CI=true``; ``.ci/run`` installs Debian's chromium) a missing browser fails the test;
 elsewhere the test is skipped with the reason printed, so ``make test`` passes on a machine
@@ -82,3 +82,24 @@ def chromium(tmp_path: Path) -> HeadlessChromium:
             "(apt-get install chromium; mandatory when CI=true)"
         )
     return HeadlessChromium(binary=binary, profile=tmp_path / "chromium-profile")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu``: deselected in CI (no GPU there); skipped, with the reason
+    printed, on a machine without a CUDA device; run where one is (``bench/gpu.sh``)."""
+    marked = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not marked:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        config.hook.pytest_deselected(items=marked)
+        items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        reason = pytest.mark.skip(
+            reason=f"no CUDA device here (torch {torch.__version__}): the gpu tests run on a "
+            "lent GPU through bench/gpu.sh; CI deselects them"
+        )
+        for item in marked:
+            item.add_marker(reason)

@@ -25,7 +25,9 @@ def check(
 ) -> None:
     """Validate a site config, decode and cache all its images, report what can train.
 
-    Prints images per split and class, and skipped files counted by reason.
+    Prints the compute device the site will use (compute.device: a GPU's name and memory),
+    images per split and class, and skipped files counted by reason. A GPU that
+    compute.device asks for but this machine lacks is an invalid config (exit code 2).
 
     The list of skipped files stays in the site's state_dir/quarantine.json.
 
@@ -40,11 +42,18 @@ def check(
     from client.commands.common import load_config_or_exit
     from client.data import load_site_data, read_quarantine_report
     from client.data.readiness import missing_data_sources
-    from sic_core.errors import DataError
+    from client.device import describe_device, site_device
+    from sic_core.errors import ConfigError, DataError
 
     console = Console()
     config = load_config_or_exit(site, console)
+    try:
+        device = site_device(config)
+    except ConfigError as error:
+        console.print(f"[red]invalid config:[/red] {site}: {error}", soft_wrap=True)
+        raise typer.Exit(2) from None
     console.print(f"Site [bold]{config.name}[/bold]: {config.data.format} data, config valid")
+    console.print(f"Compute device: {describe_device(device)}")
     # As `join` does: a wrong path is named as such, not as files that could not be read.
     missing = missing_data_sources(config)
     for problem in missing:

@@ -31,6 +31,7 @@ __all__ = [
     "WARM_MODULES",
     "join",
     "shorten_fleet_polling",
+    "start_site_worker",
     "start_warm_launcher",
     "supernode_argv",
     "write_guarded_clientapp",
@@ -246,6 +247,45 @@ def start_warm_launcher(
     return subprocess.Popen([sys.executable, "-I", str(launcher), address, str(_GATE), *modules])
 
 
+#: Longest Unix socket path the kernel accepts, minus a margin.
+_SOCKET_PATH_LIMIT = 100
+_WORKER_START_SECONDS = 600.0
+
+
+def start_site_worker(site_yaml: Path, state_dir: Path) -> tuple[subprocess.Popen, Path]:
+    """Start the site worker (:mod:`client.site_worker`) and wait until it listens.
+
+    Returns the process and its socket (``state_dir/worker/site.sock``, or a private
+    temporary folder where that path is too long for a Unix socket).
+
+    Raises
+    ------
+    RuntimeError
+        If the worker exits before it listens (its error is in this process's output).
+    """
+    import tempfile
+
+    from client.site_worker import worker_socket_path
+
+    path = worker_socket_path(state_dir).resolve()
+    if len(str(path)) > _SOCKET_PATH_LIMIT:
+        path = Path(tempfile.mkdtemp(prefix="sicfed-worker-")) / "site.sock"
+    path.unlink(missing_ok=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "client.site_worker", str(site_yaml.resolve()), str(path)],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    deadline = time.monotonic() + _WORKER_START_SECONDS
+    while not path.exists():
+        if worker.poll() is not None:
+            raise RuntimeError(f"the site worker exited with code {worker.returncode}")
+        if time.monotonic() > deadline:
+            worker.terminate()
+            raise RuntimeError("the site worker did not start listening in time")
+        time.sleep(0.1)
+    return worker, path
+
+
 def supernode_argv(
     *,
     site_yaml: Path,
@@ -386,6 +426,16 @@ def join(
             "already imported (--cold: Flower's fresh process per message).",
         ),
     ] = True,
+    worker: Annotated[
+        bool | None,
+        typer.Option(
+            "--worker/--no-worker",
+            help="Compute in one site worker that owns the device and the decoded data for "
+            "the whole join, with each ClientApp forwarding its message to it over a socket "
+            "only this user can open (default: on when compute.device is a GPU, off on a "
+            "CPU).",
+        ),
+    ] = None,
     port: Annotated[
         int | None,
         typer.Option(hidden=True, callback=deprecated_option("--port", "--local-port")),
@@ -393,7 +443,9 @@ def join(
 ) -> None:
     """Join a federation: start this site's Flower SuperNode.
 
-    First checks the site's data: a missing data root, no training or validation images, or
+    First checks the compute device: a GPU that compute.device asks for but this machine
+    lacks stops the join with exit code 2 naming the field and what was found. Then checks
+    the site's data: a missing data root, no training or validation images, or
     labels outside the class list stop the join with exit code 1 naming the problem (unless
     --allow-empty). Before connecting, checks that the TLS settings fit the SuperLink (a
     wrong CA or TLS mode stops here with one line naming the cause). Every app bundle the
@@ -409,11 +461,17 @@ def join(
     python -m client join --site site.yaml --insecure --allow-any-app --allow-empty
     """
     from client.config import load_site_config
-    from sic_core.errors import SicfedError
+    from client.device import describe_device, site_device
+    from sic_core.errors import ConfigError, SicfedError
 
     local_port = local_port if port is None else port
     try:
         config = load_site_config(site)
+        try:
+            device = site_device(config)
+        except ConfigError as error:
+            raise ConfigError(f"{site}: {error}") from None
+        console.print(f"Compute device: {describe_device(device)}")
         if not insecure and root_certificates is None:
             raise typer.BadParameter(
                 "give --root-certificates (TLS) or --insecure (loopback only)",
@@ -450,6 +508,17 @@ def join(
         console.print("[yellow]warning:[/] --allow-any-app: this site runs any app it is sent")
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    if worker if worker is not None else device.type == "cuda":
+        from client.site_worker import WORKER_ENV
+
+        try:
+            process, address = start_site_worker(site, Path(config.state_dir))
+        except RuntimeError as error:
+            console.print(f"[red]error:[/] site_worker_failed: {error}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        atexit.register(process.terminate)
+        os.environ[WORKER_ENV] = str(address)
+        console.print(f"Site worker on {describe_device(device)} (socket {address})")
     launch = home / "launch"
     if warm:
         launcher = start_warm_launcher(launch, config.name)

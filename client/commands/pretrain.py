@@ -41,8 +41,9 @@ def pretrain(
 
     The run config's `initial-weights` then names that file.
 
-    Only public data may go in: nothing here is differentially private, and nothing is
-    recorded in a privacy ledger. SynthCXR generated with another seed than the
+    Trains on the first --site's compute.device (a GPU asked for but missing stops with
+    exit code 2). Only public data may go in: nothing here is differentially private, and
+    nothing is recorded in a privacy ledger. SynthCXR generated with another seed than the
     federation's is public (the generator is).
 
     [bold]Examples[/bold]
@@ -53,6 +54,7 @@ def pretrain(
       --site public/synth/site_c/site.yaml --out public
     """
     from client.config import load_site_config
+    from client.device import describe_device, site_device
     from client.warm_start import PUBLIC_WARM_START_EPOCHS, public_warm_start
     from sic_core.checkpoint import save_checkpoint
     from sic_core.errors import ConfigError
@@ -64,6 +66,8 @@ def pretrain(
         checkpoint = out
     try:
         configs = [load_site_config(path) for path in site]
+        device = site_device(configs[0])
+        console.print(f"Compute device: {describe_device(device)}")
         with console.status(f"Pretraining on {len(configs)} public site(s) ..."):
             result = public_warm_start(
                 configs,
@@ -75,6 +79,7 @@ def pretrain(
                 lr=lr,
                 batch_size=batch_size,
                 seed=seed,
+                device=device,
             )
     except ConfigError as error:
         console.print(f"[red]error:[/red] {error}")

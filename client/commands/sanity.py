@@ -57,7 +57,8 @@ def run_sanity_suite(
         The site's config and its loaded data (audit set from the val split, supports and
         the shuffled-label model from the train split).
     checkpoint
-        The evaluated global model with the train-split index of each local support.
+        The evaluated global model with the train-split index of each local support; the
+        checks run on the device its model is on (the images stay on the host).
     epochs
         Training epochs of the data-randomisation model.
     trials, grid
@@ -94,8 +95,8 @@ def run_sanity_suite(
     if indices is None:
         # An older checkpoint without indices: apply the evaluate step's nearest-image rule.
         indices = nearest_local_support(
-            model.support_vectors,
-            model.support_labels,
+            model.support_vectors.cpu(),
+            model.support_labels.cpu(),
             embed_all(model, train.images),
             train.labels,
         ).indices
@@ -111,7 +112,8 @@ def run_sanity_suite(
     cascaded = model
     if not bool(local.all()):
         cascaded = copy.deepcopy(model)
-        cascaded.set_support(model.support_vectors[local], model.support_labels[local])
+        on_device = local.to(model.support_vectors.device)
+        cascaded.set_support(model.support_vectors[on_device], model.support_labels[on_device])
 
     step("cascading randomisation")
     steps = cascading_randomisation(
@@ -299,6 +301,7 @@ def sanity(
 
     from client.commands.common import load_config_or_exit
     from client.data import load_site_data
+    from client.device import describe_device, site_device
     from client.round_report import latest_model_path, sanity_path
     from sic_core import load_checkpoint
     from sic_core.atomic import atomic_write
@@ -314,7 +317,9 @@ def sanity(
         )
         raise typer.Exit(1)
     try:
+        device = site_device(config)
         checkpoint = load_checkpoint(path)
+        checkpoint.model.to(device)
         data = load_site_data(config, progress=True)
     except (ConfigError, DataError) as error:
         console.print(f"[red]cannot run the sanity suite:[/red] {error}")
@@ -332,6 +337,7 @@ def sanity(
             console.print(f"[red]cannot run the sanity suite:[/red] {problem}")
         raise typer.Exit(1)
 
+    console.print(f"Compute device: {describe_device(device)}")
     started = time.perf_counter()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:

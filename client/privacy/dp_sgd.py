@@ -127,13 +127,20 @@ def train_dp_sgd(
 
     Poisson sampling at rate ``batch_size / N``, per-sample clipping to ``max_grad_norm``,
     Gaussian noise ``noise_multiplier * max_grad_norm``, AdamW. The number of steps equals
-    :func:`plan_dp_sgd`'s, which the caller records in the ledger.
+    :func:`plan_dp_sgd`'s, which the caller records in the ledger. Runs on the model's
+    device (Opacus' per-sample gradients and noise there); ``images`` stay on the host.
     """
     check_unit_interval(images, name="images")
     device = model.support_vectors.device
     generator = torch.Generator().manual_seed(config.seed)
+    # The images stay in host memory; on a GPU the loader hands out pinned batches, so the
+    # copy to the device can overlap with the step before it.
+    on_gpu = device.type == "cuda"
     loader = DataLoader(
-        TensorDataset(images, labels.long()), batch_size=config.batch_size, generator=generator
+        TensorDataset(images, labels.long()),
+        batch_size=config.batch_size,
+        generator=generator,
+        pin_memory=on_gpu,
     )
     optimizer = torch.optim.AdamW(
         model.embedder.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -160,7 +167,8 @@ def train_dp_sgd(
             for batch_images, batch_labels in private_loader:
                 if augment is not None and batch_images.shape[0]:
                     batch_images = augment(batch_images, generator)
-                batch_images, batch_labels = batch_images.to(device), batch_labels.to(device)
+                batch_images = batch_images.to(device, non_blocking=on_gpu)
+                batch_labels = batch_labels.to(device, non_blocking=on_gpu)
                 logits = fixed_support_logits(model, batch_images, fixed, embedder=private_embedder)
                 loss = sic_loss(logits, batch_labels)
                 private_optimizer.zero_grad(set_to_none=True)

@@ -1,13 +1,16 @@
 """Explanation-quality metrics that perturb the image (or the model) and re-run it.
 
 Every perturbation acts on the image ``x`` in ``[0, 1]``; the model re-encodes ``[x, 1 - x]``
-itself. Curves are of the explained logit ``z_c``.
+itself. Curves are of the explained logit ``z_c``. Images may lie on the host while the model
+is on a GPU: perturbations are built where the images are and each forward runs on the
+model's device.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +69,10 @@ def inpaint(x: Tensor, masks: Tensor, *, sigma: float | None = None) -> Tensor:
 
 @torch.no_grad()
 def _target_logits(model: SICModel, x: Tensor, target: Tensor) -> Tensor:
-    return model(x).gather(1, target.view(-1, 1)).squeeze(1)
+    """The target logit of each image, computed on the model's device, returned on ``x``'s."""
+    device = model.support_vectors.device
+    logits = model(x.to(device)).gather(1, target.to(device).view(-1, 1)).squeeze(1)
+    return logits.to(x.device)
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ def deletion_insertion(
         reference = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
     else:
         raise ValueError(f"baseline: expected 'blur' or 'mean', got {baseline!r}")
-    order = maps.flatten(1).argsort(dim=1, descending=True)
+    order = maps.flatten(1).to(x.device).argsort(dim=1, descending=True)
     generator = torch.Generator().manual_seed(seed)
     random_order = torch.stack(
         [torch.randperm(order.shape[1], generator=generator) for _ in range(order.shape[0])]
@@ -225,6 +231,7 @@ def marker_counterfactual_shift(
     clean: Tensor,
     *,
     positive_class: int = 1,
+    probabilities: Callable[[Tensor], Tensor] | None = None,
 ) -> CounterfactualShift:
     """Counterfactual shortcut test: remove the artifact from marked images, paste it on clean ones.
 
@@ -237,6 +244,9 @@ def marker_counterfactual_shift(
     clean
         ``(B', C, H, W)`` images without it; each gets the artifact pixels of
         ``marked[i % B]`` pasted in place.
+    probabilities
+        Logits ``(N, C)`` to class probabilities (e.g. the calibrated ones of
+        :func:`sic_core.calibration.calibrated_probabilities`); default ``sigmoid``.
     """
     model.eval()
     with_marker = [marked]
@@ -246,11 +256,15 @@ def marker_counterfactual_shift(
         masks = marker_masks[source].to(clean.dtype)
         with_marker.append(clean * (1 - masks) + marked[source] * masks)
         without_marker.append(clean)
-    present = model(torch.cat(with_marker))
-    absent = model(torch.cat(without_marker))
+    device = model.support_vectors.device
+    present = model(torch.cat(with_marker).to(device)).cpu()
+    absent = model(torch.cat(without_marker).to(device)).cpu()
     if present.shape[0] == 0:
         return CounterfactualShift(shift=math.nan, flip_share=math.nan, pairs=0)
-    shift = torch.sigmoid(present[:, positive_class]) - torch.sigmoid(absent[:, positive_class])
+    to_probability = torch.sigmoid if probabilities is None else probabilities
+    shift = (
+        to_probability(present)[:, positive_class] - to_probability(absent)[:, positive_class]
+    ).float()
     flips = present.argmax(dim=1) != absent.argmax(dim=1)
     return CounterfactualShift(
         shift=float(shift.mean()), flip_share=float(flips.float().mean()), pairs=int(shift.numel())

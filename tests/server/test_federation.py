@@ -40,7 +40,17 @@ from server.checkpoint import (
 from server.registry import model_from_round_checkpoint
 from server.settings import RunSettings
 from sic_core import create_model, unit_filter_state_dict
-from sic_core.wire import SUPPORT_BUFFER_KEYS, ArrayKey, RecordKey, ReportKey, parse_error
+from sic_core.calibration import MARGIN_EDGES, Calibration
+from sic_core.wire import (
+    SUPPORT_BUFFER_KEYS,
+    ArrayKey,
+    ConfigKey,
+    EvalMetric,
+    RecordKey,
+    ReportKey,
+    WhyMetric,
+    parse_error,
+)
 from tests.server.fedkit import FAB_HASH, FakeGrid, server_identity
 
 SIZE = 32
@@ -241,6 +251,7 @@ def test_no_pixels_file_names_or_patient_ids_leave_a_site(federation: Federation
     allowed = {
         "train": {str(RecordKey.ARRAYS), str(RecordKey.METRICS), str(RecordKey.SITE)},
         "query.support": {str(RecordKey.STATS), str(RecordKey.METRICS), str(RecordKey.SITE)},
+        "query.calibration": {str(RecordKey.STATS), str(RecordKey.METRICS), str(RecordKey.SITE)},
         "evaluate": {str(RecordKey.METRICS), str(RecordKey.SITE), str(RecordKey.REPORT)},
     }
     seen_types = set()
@@ -266,12 +277,17 @@ def test_no_pixels_file_names_or_patient_ids_leave_a_site(federation: Federation
                 shapes = {key: tuple(array.numpy().shape) for key, array in record.items()}
                 if name == str(RecordKey.ARRAYS):
                     assert shapes == weight_shapes
+                elif kind == "query.calibration":
+                    # Integer counts on fixed margin bins: nothing per case.
+                    bins = MARGIN_EDGES.numel() - 1
+                    assert shapes == {str(ArrayKey.MARGIN_COUNTS): (2, 2, bins)}
+                    assert all(a.numpy().dtype == np.int64 for a in record.values())
                 else:
                     assert shapes == {str(ArrayKey.SUMS): (2, 3, 128), str(ArrayKey.COUNTS): (2, 3)}
                 for array in record.values():
                     assert array.numpy().shape[-2:] != (SIZE, SIZE)
     assert seen_types == set(allowed)
-    assert errors == 3 * ROUNDS  # site_bad: every phase of every round
+    assert errors == 4 * ROUNDS  # site_bad: every phase of every round
     sharing = {"site_a": True, "site_nonodule": False}
     for _, reply in federation.grid.sent_by_sites:
         if reply.has_error() or str(RecordKey.REPORT) not in reply.content:
@@ -347,3 +363,26 @@ def test_the_audit_log_records_the_run_and_verifies(federation: Federation) -> N
         assert details["model_hash"] == arrays_sha256(
             ArrayRecord(load_checkpoint(checkpoint)["arrays"])
         )
+
+
+def test_one_global_calibration_is_fitted_sent_with_evaluate_and_checkpointed(
+    federation: Federation,
+) -> None:
+    sent = [
+        json.loads(message.content[str(RecordKey.CONFIG)][str(ConfigKey.CALIBRATION)])
+        for _, message in federation.grid.delivered
+        if message.metadata.message_type == "evaluate"
+    ]
+    assert sent, "no evaluate message carried a calibration"
+    last_round = [Calibration.from_dict(entry) for entry in sent[-2:]]
+    assert last_round[0] == last_round[1]  # one calibration for every site
+    state = torch.load(
+        federation.files.checkpoint_path(ROUNDS), map_location="cpu", weights_only=True
+    )
+    assert Calibration.from_dict(state["calibration"]) == last_round[-1]
+    for _, reply in federation.grid.sent_by_sites:
+        if reply.has_error() or reply.metadata.message_type != "evaluate":
+            continue
+        metrics = reply.content[str(RecordKey.METRICS)]
+        assert 0 <= metrics[str(EvalMetric.ECE)] <= 1 and 0 <= metrics[str(EvalMetric.ECE_RAW)] <= 1
+        assert all(str(key) in metrics for key in WhyMetric)

@@ -134,6 +134,30 @@ def test_the_runs_table_link_opens_the_model_training_view() -> None:
     assert runs_table_url("sqlite:///mlflow.db", "7") is None
 
 
+def test_each_site_run_is_tagged_with_its_device(tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from server.tracking import DEVICE_TAG
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "devices", run_name="fed-13", params={})
+    tracker.start()
+    devices = {1: ("cpu", "cuda:0 NVIDIA H100 80GB HBM3"), 2: ("cpu", "cuda:1 NVIDIA L4")}
+    for server_round, (first, second) in devices.items():
+        outcomes = (
+            SiteOutcome(site="site_a", status="ok", metrics={}, device=first),
+            SiteOutcome(site="site_b", status="ok", metrics={}, device=second),
+            SiteOutcome(site="site_c", status="failed", reason="config_error"),
+        )
+        tracker.log_round(server_round, [PhaseReport("train", server_round, outcomes)], {})
+    client = MlflowClient(uri)
+    tags = {site: client.get_run(run).data.tags for site, run in tracker.site_run_ids.items()}
+    assert tags["site_a"][DEVICE_TAG] == "cpu"
+    assert tags["site_b"][DEVICE_TAG] == "cuda:1 NVIDIA L4"  # the latest device it named
+    assert DEVICE_TAG not in tags["site_c"]  # a site that never replied names no device
+
+
 def test_report_still_takes_run_id_as_an_option_with_a_warning(tmp_path: Path) -> None:
     (tmp_path / "runs" / "4242").mkdir(parents=True)
     for argv in (

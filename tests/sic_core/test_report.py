@@ -93,3 +93,80 @@ def test_reliability_diagram_has_ticked_axes() -> None:
     (texts,) = _svg_texts(render_report_html(report), "reliability diagram")
     assert texts[:6] == ["0", "0", "0.5", "0.5", "1", "1"]
     assert "confidence (predicted class)" in texts and "accuracy" in texts
+
+
+def test_confidence_intervals_and_both_reliability_diagrams_are_shown() -> None:
+    report = _report()
+    bins = [{"lower": 0.9, "upper": 1.0, "confidence": 0.95, "accuracy": 1.0, "share": 1.0}]
+    report["performance"] = {
+        "metrics": [
+            {"key": "perf/auroc", "value": 0.93, "ci": [0.901, 0.962]},
+            {"key": "perf/ece", "value": 0.04, "ci": "n<10"},
+            {"key": "perf/balanced_accuracy", "value": 0.9},
+        ],
+        "reliability": bins,
+        "reliability_raw": [{**bins[0], "lower": 0.6, "upper": 0.6667, "confidence": 0.63}],
+    }
+    page = render_report_html(report)
+    assert "[0.901, 0.962]" in page and "n&lt;10" in page
+    assert page.count('aria-label="reliability diagram"') == 2
+    assert "before and after" in page
+
+
+def test_every_gallery_support_shows_its_why_similar_line() -> None:
+    report = _report()
+    why = {
+        "line": "similar mainly through position (0.41) and intensity (0.15)",
+        "influence": {
+            "intensity": 0.15,
+            "contrast": 0.05,
+            "texture": -0.2,
+            "shape": 0.19,
+            "position": 0.41,
+        },
+    }
+    report["gallery"][0]["supports"][0]["why"] = why
+    report["support_set"][0]["why"] = why
+    page = render_report_html(report)
+    assert page.count("similar mainly through position (0.41)") == 2
+    assert page.count('aria-label="why similar"') == 2
+    assert "over the audit set: similar mainly" in page
+
+
+def test_the_summary_shows_each_auroc_with_its_interval() -> None:
+    from sic_core.report import render_federation_summary_html
+
+    summary = {
+        "run": "fed-1",
+        "rounds": [1],
+        "columns": [
+            "perf/auroc",
+            "perf/auroc_ci_low",
+            "perf/auroc_ci_high",
+            "perf/ece",
+            "perf/ece_raw",
+        ],
+        "rows": [
+            {
+                "round": 1,
+                "site": "site_a",
+                "perf/auroc": 0.95,
+                "perf/auroc_ci_low": 0.9,
+                "perf/auroc_ci_high": 0.99,
+                "perf/ece": 0.04,
+            },
+            {
+                "round": 1,
+                "site": "site_b",
+                "perf/auroc": 1.0,
+                "perf/auroc_ci_low": None,
+                "perf/auroc_ci_high": None,
+                "perf/ece": 0.03,
+                "perf/ece_raw": 0.371,
+            },
+        ],
+    }
+    page = render_federation_summary_html(summary)
+    assert "0.95<br><span" in page and "[0.9, 0.99]" in page and "no CI" in page
+    assert "raw 0.371" in page
+    assert "auroc_<wbr>ci_<wbr>low" not in page and "ece_<wbr>raw" not in page
