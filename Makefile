@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sicfed-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench docs lint format clean
+.PHONY: install test demo bench docs lint format clean image
 
 install: $(STAMP)
 
@@ -37,6 +37,23 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# The site image, sicfed-site:<version>, with docker (if its daemon answers) or podman.
+# BUILD_ARGS passes more, e.g. --build-arg TORCH_VARIANT=cpu or --build-arg BASE_IMAGE=...
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= sicfed-site:$(VERSION)
+ENGINE ?= $(shell if docker info >/dev/null 2>&1; then echo docker; \
+	elif command -v podman >/dev/null 2>&1; then echo podman; fi)
+BUILD_ARGS ?=
+# podman: runc where installed (crun refuses hybrid cgroup hosts) and explicit open-file and
+# process limits (podman's defaults fail where root may not raise its own hard limits).
+PODMAN_FLAGS ?= $(if $(shell command -v runc),--runtime runc) \
+	--ulimit nofile=20000:20000 --ulimit nproc=32768:32768
+
+image:
+	@test -n "$(ENGINE)" || { echo "make image: neither docker (with a running daemon) nor podman found" >&2; exit 1; }
+	$(ENGINE) build $(if $(filter podman,$(ENGINE)),$(PODMAN_FLAGS)) $(BUILD_ARGS) \
+		-f docker/site.Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

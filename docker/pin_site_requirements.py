@@ -1,10 +1,10 @@
 """Write ``docker/site-requirements.txt``: every Python package a site needs, pinned.
 
-The list is the dependency closure of ``[project] dependencies`` in pyproject.toml, less what
-only the coordinator uses (MLflow: sites never talk to the tracking server), at the versions
-installed in the running environment (the Makefile's ``.venv``, which installs with this
-file as its constraints, so both stay in step). Torch's CUDA runtime packages are left out:
-the site image installs torch's CPU wheel, which needs none of them.
+The list is the dependency closure of ``[project] dependencies`` in pyproject.toml (what
+``pip install '.[site]'`` installs; the coordinator's MLflow is an extra of its own) at the
+versions installed in the running environment (the Makefile's ``.venv``, which installs with
+this file as its constraints, so both stay in step). Torch's CUDA runtime packages are left
+out: torch's CUDA build pins each of them exactly itself, and its CPU build needs none.
 
 Run from the checkout's root after changing a dependency::
 
@@ -23,9 +23,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Dependencies of pyproject.toml that only the coordinator needs.
-COORDINATOR_ONLY = frozenset({"mlflow"})
-#: Distributions of torch's CUDA build; the CPU wheel the image installs needs none of them.
+#: Distributions of torch's CUDA build (pinned exactly by torch's own metadata).
 CUDA_RUNTIME_PREFIXES = ("nvidia-", "cuda-", "triton")
 
 HEADER = """\
@@ -55,20 +53,20 @@ def site_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
         If a needed package is not installed in the running environment.
     """
     declared = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-    pending = [
-        Requirement(text)
-        for text in declared
-        if canonicalize_name(Requirement(text).name) not in COORDINATOR_ONLY
-    ]
+    pending = [Requirement(text) for text in declared]
     pinned: dict[str, str] = {}
+    # A package is walked again for every new set of extras asked of it (flwr needs
+    # sqlalchemy[asyncio] after alembic asked for plain sqlalchemy).
+    walked: set[tuple[str, frozenset[str]]] = set()
     while pending:
         requirement = pending.pop()
         name = canonicalize_name(requirement.name)
-        if name in pinned or name.startswith(CUDA_RUNTIME_PREFIXES):
+        extras = frozenset(requirement.extras)
+        if (name, extras) in walked or name.startswith(CUDA_RUNTIME_PREFIXES):
             continue
+        walked.add((name, extras))
         distribution = metadata.distribution(name)
         pinned[name] = distribution.version.split("+")[0]
-        extras = frozenset(requirement.extras)
         pending += [
             dependency
             for dependency in map(Requirement, distribution.requires or [])

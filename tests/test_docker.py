@@ -1,7 +1,9 @@
 """The site's Docker image, checked without a Docker daemon: what it copies exists and is not
-ignored, the build context leaves out the venv, data, runs and history, the base image is an
-exact release, every package is pinned (and no MLflow), its entrypoint is a real command of
-the site CLI."""
+ignored, the build context leaves out the venv, data, runs and history, the base image is a
+build argument whose default is an exact release, pip's settings are build arguments, every
+package is pinned (and no MLflow), its entrypoint is a real command of the site CLI and the
+example in its header runs, the example site config keeps every path under the mount.
+(tests/integration/test_site_image.py builds and runs it.)"""
 
 from __future__ import annotations
 
@@ -15,22 +17,39 @@ from pathlib import Path
 
 import pytest
 from packaging.utils import canonicalize_name
+from typer.main import get_command
 from typer.testing import CliRunner
 
 from client.cli import app
+from client.config import load_site_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "site.Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 SITE_REQUIREMENTS = ROOT / "docker" / "site-requirements.txt"
+DOCKER_SITE = ROOT / "site_configs" / "docker_site.yaml"
+GUIDE = ROOT / "docs" / "how-to" / "site.md"
+#: pip's own settings, build arguments of every stage that runs pip.
+PIP_SETTINGS = (
+    "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL",
+    "PIP_FIND_LINKS",
+    "PIP_TRUSTED_HOST",
+    "PIP_CERT",
+)
 #: What a site runs: the site CLI and the library (server/ is the coordinator's).
 SITE_CODE = ("client", "sic_core")
 
 
-def _instructions(name: str) -> list[str]:
+def _instructions(name: str, text: str | None = None) -> list[str]:
     """Arguments of every ``name`` instruction, continuation lines joined."""
-    joined = DOCKERFILE.read_text().replace("\\\n", " ")
+    joined = (DOCKERFILE.read_text() if text is None else text).replace("\\\n", " ")
     return [line.split(None, 1)[1] for line in joined.splitlines() if line.startswith(f"{name} ")]
+
+
+def _stages() -> list[str]:
+    """The Dockerfile's build stages, each from its FROM line on."""
+    return re.split(r"^(?=FROM )", DOCKERFILE.read_text(), flags=re.MULTILINE)[1:]
 
 
 def _ignore_patterns() -> list[str]:
@@ -125,21 +144,43 @@ def test_the_matcher_keeps_what_it_should() -> None:
     assert _ignored("a/b/mlruns/x", ["**/mlruns"]) and not _ignored("a/mlrunsx", ["**/mlruns"])
 
 
-def test_the_base_image_is_an_exact_release_in_every_stage() -> None:
+def _default(argument: str) -> str:
+    (default,) = [a.split("=", 1)[1] for a in _instructions("ARG") if a.startswith(f"{argument}=")]
+    return default
+
+
+def test_every_stage_builds_on_the_base_image_argument_an_exact_release_by_default() -> None:
     images = {arguments.split()[0] for arguments in _instructions("FROM")}
-    assert len(images) == 1, images
-    (image,) = images
+    assert images == {"${BASE_IMAGE}"}
     exact = r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?"
-    assert re.fullmatch(exact, image), f"{image} is a floating tag"
+    assert re.fullmatch(exact, _default("BASE_IMAGE")), "the default base is a floating tag"
+
+
+def test_every_stage_takes_pips_settings_as_build_arguments() -> None:
+    for stage in _stages():
+        assert set(PIP_SETTINGS) <= set(_instructions("ARG", stage)), stage.splitlines()[0]
+        # A base with python3 only (no pip, no `python`): each stage makes its own venv.
+        assert any("python3 -m venv" in run for run in _instructions("RUN", stage))
+
+
+def test_torch_is_the_cuda_build_by_default_and_the_cpu_build_on_request() -> None:
+    assert _default("TORCH_VARIANT") == "cuda"
+    (install,) = [run for run in _instructions("RUN") if "TORCH_VARIANT" in run]
+    cuda = install.split("cuda)")[1].split(";;")[0]
+    cpu = install.split("cpu)")[1].split(";;")[0]
+    assert "-c docker/site-requirements.txt" in cuda and "--index-url" not in cuda
+    assert '--index-url "$TORCH_CPU_INDEX_URL"' in cpu and "--no-deps" in cpu
+    assert _default("TORCH_CPU_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
 
 
 def test_torch_pins_match_the_makefile() -> None:
     pins = re.compile(r"torch==[\d.]+ torchvision==[\d.]+")
-    assert pins.findall(DOCKERFILE.read_text()) == pins.findall((ROOT / "Makefile").read_text())
+    makefile = pins.findall((ROOT / "Makefile").read_text())
+    assert len(makefile) == 1 and set(pins.findall(DOCKERFILE.read_text())) == set(makefile)
 
 
-#: pip options whose value follows them (a folder or an index, not a package).
-_PIP_VALUE_OPTIONS = ("--wheel-dir", "--index-url", "-r", "--requirement")
+#: pip options whose value follows them (a folder, an index or constraints, not a package).
+_PIP_VALUE_OPTIONS = ("--wheel-dir", "--index-url", "-r", "--requirement", "-c", "--constraint")
 #: What pip may install that is not a ``name==version`` argument.
 _PINNED_SOURCES = {
     "-r docker/site-requirements.txt",  # pinned, checked below
@@ -170,10 +211,10 @@ def test_every_pip_install_installs_pinned_packages_only() -> None:
     commands = [
         command
         for run in _instructions("RUN")
-        for command in run.split("&&")
+        for command in re.split(r"&&|;;", run)
         if re.search(r"\bpip (install|wheel)\b", command)
     ]
-    assert len(commands) == 5, commands
+    assert len(commands) == 6, commands
     for command in commands:
         for argument in _pip_arguments(command):
             assert argument in _PINNED_SOURCES or re.fullmatch(
@@ -223,8 +264,7 @@ def test_the_image_runs_as_uid_and_gid_10001() -> None:
     (run,) = [r for r in _instructions("RUN") if "useradd" in r]
     assert "--gid 10001 site" in run and "--uid 10001 --gid 10001 site" in run
     assert _instructions("USER") == ["site"]
-    site_guide = (ROOT / "docs" / "how-to" / "site.md").read_text()
-    assert "chown -R 10001:10001" in site_guide
+    assert "chown -R 10001:10001" in GUIDE.read_text()
 
 
 def test_entrypoint_runs_the_join_command_of_the_site_cli() -> None:
@@ -232,3 +272,44 @@ def test_entrypoint_runs_the_join_command_of_the_site_cli() -> None:
     assert entrypoint == '["python", "-m", "client", "join"]'
     result = CliRunner().invoke(app, ["join", "--help"])
     assert result.exit_code == 0 and "--site" in result.output
+
+
+def _header() -> str:
+    return "\n".join(
+        line.removeprefix("#").strip()
+        for line in DOCKERFILE.read_text().splitlines()
+        if line.startswith("#")
+    )
+
+
+def test_the_header_example_joins_with_real_options_and_site_authentication() -> None:
+    example = _header().replace("\\\n", " ").split("docker run", 1)[1].split("\n")[0]
+    _, join_arguments = example.split("sicfed-site:", 1)
+    options = set(re.findall(r"(--[a-z-]+)", join_arguments))
+    real = _join_options()
+    assert options <= real, options - real
+    assert {"--site", "--root-certificates", "--auth-key"} <= options
+    assert "--read-only" in example and "--restart" in example
+    assert "docs/how-to/site.md" in _header() and GUIDE.exists()
+
+
+def _join_options() -> set[str]:
+    command = get_command(app).commands["join"]
+    return {option for p in command.params for option in (*p.opts, *p.secondary_opts)}
+
+
+def test_the_dockerignore_header_names_exactly_what_the_image_copies() -> None:
+    header = " ".join(
+        line.removeprefix("#")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.startswith("#")
+    )
+    for source in _copied_sources():
+        assert source in header, source
+    assert "server" not in header.split("copies only")[1].split(":")[0]
+
+
+def test_the_docker_site_config_keeps_every_path_under_the_mount() -> None:
+    config = load_site_config(DOCKER_SITE)
+    paths = [config.state_dir, config.data.labels_csv, config.data.root]
+    assert all(path is not None and path.is_relative_to("/site") for path in paths), paths

@@ -23,9 +23,10 @@ def approve(
 ) -> None:
     """Approve one app version: the site then runs bundles with exactly this hash.
 
-    Adds the hash to federation.approved_apps in the site's YAML (the file is validated
-    before and after; comments above the first setting are kept). Compare the hash with the
-    one the coordinator announced through another channel before approving it.
+    Adds the hash to federation.approved_apps in the site's YAML and changes nothing else:
+    every comment, the key order and the quoting are kept; the file is validated before and
+    after and replaced atomically. Compare the hash with the one the coordinator announced
+    through another channel before approving it.
 
     Examples
     --------
