@@ -241,12 +241,23 @@ def _third_party_imports() -> set[str]:
     modules = set()
     for package in SITE_CODE:
         for path in (ROOT / package).rglob("*.py"):
+            if path.is_relative_to(POSTHOC):
+                continue
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
                     modules |= {alias.name.split(".")[0] for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                     modules.add(node.module.split(".")[0])
     return modules - set(sys.stdlib_module_names) - {"client", "sic_core", "__future__"}
+
+
+#: The post-hoc explainers of the black-box twin: the `explainers` extra, not a site's install.
+POSTHOC = ROOT / "sic_core" / "posthoc"
+
+
+def test_the_site_never_imports_the_posthoc_explainers() -> None:
+    for path in (ROOT / "client").rglob("*.py"):
+        assert "sic_core.posthoc" not in path.read_text(), path
 
 
 def test_site_code_never_imports_mlflow_and_every_import_is_pinned() -> None:
