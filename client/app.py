@@ -78,6 +78,7 @@ from client.training import (
     train_privately,
     weights_record,
 )
+from sic_core import SICModel, SupportSet
 from sic_core.calibration import Calibration
 from sic_core.errors import ConfigError, SiteError
 from sic_core.wire import (
@@ -375,17 +376,25 @@ def support_at_site(
     return _reply(site, metrics, **{str(RecordKey.STATS): record})
 
 
+def _global_model(
+    message: Received, site: SiteResources
+) -> tuple[ConfigRecord, ModelSpec, SupportSet, SICModel]:
+    """The round's config and model spec, the global support set, and the global model with
+    that support set, built on the site's device."""
+    round_config, spec = _spec(message, site.config, site.config_path)
+    global_support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
+    model = build_model(
+        spec, _record(message, RecordKey.ARRAYS, ArrayRecord), global_support, device=site.device
+    )
+    return round_config, spec, global_support, model
+
+
 def calibration_at_site(
     message: Received, context: Context, site: SiteResources, startup: float
 ) -> RecordDict:
     """The ``query.calibration`` reply's records: integer counts of binned validation margins."""
     started = time.perf_counter()
-    config, device = site.config, site.device
-    _, spec = _spec(message, config, site.config_path)
-    global_support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
-    model = build_model(
-        spec, _record(message, RecordKey.ARRAYS, ArrayRecord), global_support, device=device
-    )
+    _, _, global_support, model = _global_model(message, site)
     data = site.data()
     train_split, val_split = data.split("train"), data.split("val")
     histogram = calibration_statistics(
@@ -436,13 +445,9 @@ def evaluate_at_site(
 ) -> RecordDict:
     """The ``evaluate`` reply's records: validation metrics, the audit and the report."""
     started = time.perf_counter()
-    config, device = site.config, site.device
-    round_config, spec = _spec(message, config, site.config_path)
+    config = site.config
+    round_config, spec, global_support, model = _global_model(message, site)
     server_round = int(config_value(round_config, ConfigKey.SERVER_ROUND, int))
-    global_support = support_from_record(_record(message, RecordKey.SUPPORT, ArrayRecord), spec)
-    model = build_model(
-        spec, _record(message, RecordKey.ARRAYS, ArrayRecord), global_support, device=device
-    )
     data = site.data()
     train_split, val_split = data.split("train"), data.split("val")
     calibration = round_calibration(round_config, spec.num_classes)

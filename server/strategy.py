@@ -494,35 +494,40 @@ class SicStrategy(Strategy):
             self._expected[Phase.SUPPORT] = []
             self._disconnected[Phase.SUPPORT] = []
             return []
-        self._wait(grid)
-        config = ConfigRecord(dict(config))
-        config["server-round"] = server_round
-        nodes = sorted(grid.get_node_ids())
-        content = RecordDict({str(RecordKey.ARRAYS): arrays, str(RecordKey.CONFIG): config})
-        messages = self._with_support(
-            Message(content=content, dst_node_id=node, message_type=SUPPORT_MESSAGE_TYPE)
-            for node in nodes
+        return self._query_every_site(
+            Phase.SUPPORT, SUPPORT_MESSAGE_TYPE, server_round, arrays, config, grid
         )
-        self._expected[Phase.SUPPORT] = nodes
-        self._note_disconnected(Phase.SUPPORT, grid)
-        return messages
 
     def configure_calibration(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         """Ask every connected site for its binned validation margins under ``arrays`` and
         the current global support set."""
+        return self._query_every_site(
+            Phase.CALIBRATION, CALIBRATION_MESSAGE_TYPE, server_round, arrays, config, grid
+        )
+
+    def _query_every_site(
+        self,
+        phase: Phase,
+        message_type: str,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+    ) -> list[Message]:
+        """One query message per connected site: ``arrays``, the round's config and the
+        current global support set; the sites are expected to reply in ``phase``."""
         self._wait(grid)
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         nodes = sorted(grid.get_node_ids())
         content = RecordDict({str(RecordKey.ARRAYS): arrays, str(RecordKey.CONFIG): config})
         messages = self._with_support(
-            Message(content=content, dst_node_id=node, message_type=CALIBRATION_MESSAGE_TYPE)
-            for node in nodes
+            Message(content=content, dst_node_id=node, message_type=message_type) for node in nodes
         )
-        self._expected[Phase.CALIBRATION] = nodes
-        self._note_disconnected(Phase.CALIBRATION, grid)
+        self._expected[phase] = nodes
+        self._note_disconnected(phase, grid)
         return messages
 
     def aggregate_calibration(
